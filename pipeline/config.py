@@ -1,0 +1,76 @@
+"""Typed, validated configuration: pydantic models loaded from YAML, with `section.field=value` overrides.
+
+Every stage's config is a `StrictModel` (unknown fields are errors, so a typo never silently falls back to a
+default). Stage configs live beside their stage; this module holds the shared base and the loading rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.epochs=20` -> (["train", "epochs"], 20); the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} is not of the form key=value (e.g. train.epochs=20)")
+    key, value = text.split("=", 1)
+    if not key.strip():
+        raise UserError(f"override {text!r} has an empty key")
+    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = dict(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def validate(model: type[M], data: dict, source: str = "config") -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+                             for err in e.errors())
+        raise UserError(f"{source}: {problems}") from None
+
+
+def load_config(model: type[M], path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> M:
+    """Read `path` (YAML) if given, apply overrides, validate. Errors name the file and the bad field."""
+    data: dict = {}
+    source = "command-line overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: the top level must be a mapping of settings")
+    return validate(model, apply_overrides(data, list(overrides)), source)
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    """JSON-ready dict of a config (paths as strings): what manifests record and stage keys digest."""
+    return cfg.model_dump(mode="json")

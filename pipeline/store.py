@@ -1,0 +1,221 @@
+"""The artifact store: content-addressed stage outputs under `<root>/<stage>/<key>/`.
+
+A stage's key is a digest of (stage name, stage code version, the config fields it uses, the digests of its
+inputs). Same inputs -> same key -> the finished output is reused; a changed input (say, fine-tuned encoder
+weights) changes only the keys of the stages that read it. Each stage folder holds a `manifest.json` saying
+what was computed from what, how long it took, and whether it is complete.
+
+Writes are atomic (temporary name, then `os.replace`): a killed run leaves either the old file or a `.tmp`
+leftover that is never mistaken for output, and a manifest says `complete` only after every output exists.
+This module knows nothing of particular stages; they describe themselves through `StageRun`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, Field
+
+from pipeline.errors import UserError
+
+MANIFEST = "manifest.json"
+KEY_CHARS = 16  # 64 bits of sha256: collisions are not a concern for a few thousand artifacts
+TRACKED_LIBRARIES = ("torch", "torchvision", "torchaudio", "numpy", "h5py", "decord", "panns-inference", "librosa")
+
+
+# ---- digests ----------------------------------------------------------------------------------------------------
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest_json(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(stage: str, version: str, config: dict, inputs: dict[str, str]) -> str:
+    """Digest of everything that determines a stage's output. `inputs` maps input names to digests or keys."""
+    return digest_json({"stage": stage, "version": version, "config": config, "inputs": inputs})[:KEY_CHARS]
+
+
+# ---- atomic writes ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one step, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---- manifests --------------------------------------------------------------------------------------------------
+class OutputFile(BaseModel):
+    path: str  # relative to the stage folder
+    bytes: int
+    sha256: str | None = None
+    shape: list[int] | None = None
+    dtype: str | None = None
+
+
+class Manifest(BaseModel):
+    stage: str
+    key: str
+    version: str
+    status: Literal["running", "complete", "failed"] = "running"
+    created: str
+    finished: str | None = None
+    config: dict[str, Any] = {}
+    inputs: dict[str, str] = {}
+    outputs: dict[str, OutputFile] = {}
+    timings: dict[str, float] = {}
+    metrics: dict[str, Any] = {}
+    items: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-item (e.g. per-video) status")
+    warnings: list[str] = []
+    error: str | None = None
+    environment: dict[str, str] = {}
+
+
+def environment() -> dict[str, str]:
+    env = {"python": platform.python_version(), "platform": platform.platform()}
+    for lib in TRACKED_LIBRARIES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env[lib] = metadata.version(lib)
+    return env
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class StageRun:
+    """An open stage folder: the stage writes its files into `dir`, records what it did, then calls `complete`."""
+
+    def __init__(self, store: "ArtifactStore", manifest: Manifest):
+        self.store = store
+        self.manifest = manifest
+        self.dir = store.path(manifest.stage, manifest.key)
+        self._t0 = time.perf_counter()
+
+    def save(self) -> None:
+        write_json_atomic(self.dir / MANIFEST, self.manifest.model_dump())
+
+    def add_output(self, name: str, relpath: str, *, shape=None, dtype=None, sha256: bool = False) -> None:
+        path = self.dir / relpath
+        self.manifest.outputs[name] = OutputFile(
+            path=relpath, bytes=path.stat().st_size, sha256=file_sha256(path) if sha256 else None,
+            shape=list(shape) if shape is not None else None, dtype=str(dtype) if dtype is not None else None)
+
+    def output_path(self, name: str) -> Path:
+        return self.dir / self.manifest.outputs[name].path
+
+    def complete(self) -> Manifest:
+        missing = [o.path for o in self.manifest.outputs.values() if not (self.dir / o.path).is_file()]
+        if missing:  # a stage bug, not user input: never mark complete what is not there
+            raise RuntimeError(f"stage {self.manifest.stage}: outputs missing at completion: {missing}")
+        self.manifest.timings.setdefault("total_s", round(time.perf_counter() - self._t0, 3))
+        self.manifest.status, self.manifest.finished, self.manifest.error = "complete", _now(), None
+        self.save()
+        return self.manifest
+
+    def fail(self, error: BaseException | str) -> None:
+        self.manifest.status, self.manifest.finished = "failed", _now()
+        self.manifest.error = str(error)
+        self.save()
+
+
+class ArtifactStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def manifest(self, stage: str, key: str) -> Manifest | None:
+        path = self.path(stage, key) / MANIFEST
+        if not path.is_file():
+            return None
+        return read_manifest(path)
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        m = self.manifest(stage, key)
+        return m is not None and m.status == "complete"
+
+    def open(self, stage: str, version: str, config: dict, inputs: dict[str, str]) -> StageRun:
+        """Open (or re-open, to resume) the folder of this stage + config + inputs.
+
+        A re-opened folder keeps its manifest's per-item records so a stage can skip finished work.
+        """
+        key = stage_key(stage, version, config, inputs)
+        previous = self.manifest(stage, key)
+        if previous is not None and previous.status != "complete":
+            previous.status, previous.error = "running", None
+            run = StageRun(self, previous)
+        else:
+            run = StageRun(self, Manifest(stage=stage, key=key, version=version, created=_now(), config=config,
+                                          inputs=inputs, environment=environment()))
+        run.dir.mkdir(parents=True, exist_ok=True)
+        run.save()
+        return run
+
+    def list(self, stage: str | None = None) -> list[Manifest]:
+        """Every readable manifest under the root (or of one stage), newest first."""
+        if not self.root.is_dir():
+            return []
+        pattern = f"{stage}/*/{MANIFEST}" if stage else f"*/*/{MANIFEST}"
+        found = []
+        for path in self.root.glob(pattern):
+            with contextlib.suppress(UserError):
+                found.append(read_manifest(path))
+        return sorted(found, key=lambda m: m.created, reverse=True)
+
+    def find(self, ref: str) -> Path:
+        """Resolve what a user typed (a stage folder, a manifest file, `stage/key`, a key or key prefix)."""
+        for candidate in (Path(ref), self.root / ref):
+            if candidate.is_file() and candidate.name == MANIFEST:
+                return candidate.parent
+            if (candidate / MANIFEST).is_file():
+                return candidate
+        matches = [self.path(m.stage, m.key) for m in self.list() if m.key.startswith(ref) or m.stage == ref]
+        if len(matches) == 1 or (matches and all(p.parent == matches[0].parent for p in matches)):
+            return matches[0]  # a key, or a stage name: its newest artifact
+        if not matches:
+            raise UserError(f"no artifact matches {ref!r} under {self.root}; `avel inspect --root {self.root}` "
+                            f"lists them")
+        raise UserError(f"{ref!r} matches {len(matches)} artifacts; give more of the key")
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        return Manifest.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable manifest ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,23 @@
+"""Shared test fixtures. `../shared` (the real AVE metadata) sits beside the repository; AVEL_SHARED overrides."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("AVEL_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "ave" / "Annotations.txt").is_file():
+        pytest.fail(f"{SHARED}/ave not found: the tests need ../shared beside the repository (or AVEL_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def ave_meta(shared):
+    from pipeline.ave import load_dataset
+
+    return load_dataset(shared / "ave")
