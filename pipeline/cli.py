@@ -148,6 +148,96 @@ def _size(n: int) -> str:
     return str(n)
 
 
+# ---- the localizer ----------------------------------------------------------------------------------------------
+def _feature_set(features: Optional[Path], dataset: Optional[Path], visual: Optional[Path], audio: Optional[Path],
+                 root: Path):
+    from pipeline import features as feats
+
+    if features is not None:
+        return feats.from_public_folder(features)
+    if dataset is None:
+        raise UserError("say where the features are: --features DIR (public AVE layout) or --dataset DIR "
+                        "(features from this project's store, or --visual/--audio files)")
+    if visual is not None and audio is not None:
+        return feats.from_dataset(dataset, visual, audio)
+    return feats.newest_store_features(root, dataset)
+
+
+FeaturesOption = typer.Option(None, "--features", help="Folder in the public AVE layout (visual_feature.h5, "
+                                                       "audio_feature.h5, labels.h5, *_order.h5).")
+DatasetOpt = typer.Option(None, "--dataset", help="AVE-format dataset whose features this project extracted.")
+VisualOption = typer.Option(None, "--visual", help="Visual feature h5 (with --dataset).")
+AudioOption = typer.Option(None, "--audio", help="Audio feature h5 (with --dataset).")
+ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (its `train:` section is used).")
+SetOption = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=20 --set model.psi=0.3.")
+
+
+@app.command()
+def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = DatasetOpt,
+          visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
+          config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
+          epochs: Optional[int] = typer.Option(None, help="Epochs (reference: 200)."),
+          seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 1,2,3: mean and std."),
+          select_on: Optional[str] = typer.Option(None, "--select-on", help="val (default) or test (reference)."),
+          device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+          force: bool = typer.Option(False, help="Retrain even if this config was trained before.")):
+    """Train the CACE localizer (reference recipe by default) and report val-selected test accuracy."""
+    from rich.progress import Progress
+
+    from pipeline.config import load_config
+    from pipeline.train import TrainConfig, train_seeds
+
+    overrides = list(set_) + [f"{k}={v}" for k, v in (("epochs", epochs), ("select_on", select_on),
+                                                      ("device", device)) if v is not None]
+    cfg = load_config(TrainConfig, config, overrides, section="train")
+    fs = _feature_set(features, dataset, visual, audio, root)
+    for note in fs.notes:
+        console.print(f"[bold red]{note}[/bold red]")
+    seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("training", total=cfg.epochs * len(seed_list))
+
+        def on_epoch(r):
+            progress.update(task, advance=1, description=f"epoch {r['epoch']}: loss {r['loss']:.3f} "
+                            f"val {r.get('val_acc', float('nan')):.2f} % test {r['test_acc']:.2f} %")
+
+        results, summary = train_seeds(fs, cfg, seed_list, root, force=force, on_epoch=on_epoch)
+    for r in results:
+        m = r.metrics
+        console.print(f"seed {m['seed']}: {'reused' if r.reused else 'trained'} {r.dir}\n"
+                      f"  {m['test_accuracy_label']}: {m['test_accuracy']:.2f} % (epoch {m['best_epoch']}, "
+                      f"{m['selected_on']} {m['selection_accuracy']:.2f} %)\n"
+                      f"  best-on-test (reference protocol, optimistic): {m['best_on_test_accuracy']:.2f} % "
+                      f"(epoch {m['best_on_test_epoch']}); last epoch: {m['last_epoch_test_accuracy']:.2f} %; "
+                      f"all-background baseline {m['all_background_accuracy']:.2f} %")
+    if len(results) > 1:
+        console.print(f"{summary['label']}: {summary['test_accuracy_mean']:.2f} +- {summary['test_accuracy_std']:.2f} % "
+                      f"over seeds {summary['seeds']}")
+    console.print(f"test accuracy: {summary['test_accuracy_mean']:.2f} %")
+
+
+@app.command()
+def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt of a run, or the released "
+                                                                         "CACE-Net model.pth.tar."),
+             features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = DatasetOpt,
+             visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
+             split: str = typer.Option("test", help="Split to evaluate."),
+             dtype: str = typer.Option("float32", help="float32 or float64 (the reference's precision)."),
+             device: str = typer.Option("auto", help="auto, cpu, cuda.")):
+    """Evaluate a checkpoint: segment accuracy (papers' metric), per class, event/background P/R/F1."""
+    from pipeline.train import evaluate_stage
+
+    fs = _feature_set(features, dataset, visual, audio, root)
+    for note in fs.notes:
+        console.print(f"[bold red]{note}[/bold red]")
+    result = evaluate_stage(checkpoint, fs, root, split, dtype=dtype, device=device)
+    m = result.metrics
+    console.print(f"{'reused' if result.reused else 'wrote'} {result.dir}")
+    console.print(f"event segments: precision {m['event']['precision']:.2f} %, recall {m['event']['recall']:.2f} %, "
+                  f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %")
+    console.print(f"{split} accuracy: {m['accuracy']:.2f} %")
+
+
 # ---- the main job -----------------------------------------------------------------------------------------------
 @app.command()
 def demo(root: Path = RootOption, videos: int = typer.Option(24, help="Videos in the generated dataset."),

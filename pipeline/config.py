@@ -53,8 +53,13 @@ def validate(model: type[M], data: dict, source: str = "config") -> M:
         raise UserError(f"{source}: {problems}") from None
 
 
-def load_config(model: type[M], path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> M:
-    """Read `path` (YAML) if given, apply overrides, validate. Errors name the file and the bad field."""
+def load_config(model: type[M], path: Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                section: str | None = None) -> M:
+    """Read `path` (YAML) if given, apply overrides, validate. Errors name the file and the bad field.
+
+    With `section`, the model is read from that top-level key of the file (one pipeline config file holds a
+    section per stage, so `avel train --config run.yaml` reads `train:`); overrides are then relative to it.
+    """
     data: dict = {}
     source = "command-line overrides"
     if path is not None:
@@ -68,6 +73,9 @@ def load_config(model: type[M], path: Path | None = None, overrides: list[str] |
             raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):
             raise UserError(f"{path}: the top level must be a mapping of settings")
+        if section is not None:
+            data = data.get(section) or {}
+            source = f"{path} [{section}]"
     return validate(model, apply_overrides(data, list(overrides)), source)
 
 

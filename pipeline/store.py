@@ -138,6 +138,17 @@ class StageRun:
     def output_path(self, name: str) -> Path:
         return self.dir / self.manifest.outputs[name].path
 
+    @property
+    def is_complete(self) -> bool:
+        return self.manifest.status == "complete"
+
+    def restart(self) -> None:
+        """Forget a previous result (`--force`): a fresh running manifest; the stage overwrites its files."""
+        m = self.manifest
+        self.manifest = Manifest(stage=m.stage, key=m.key, version=m.version, created=_now(), config=m.config,
+                                 inputs=m.inputs, environment=environment())
+        self.save()
+
     def complete(self) -> Manifest:
         missing = [o.path for o in self.manifest.outputs.values() if not (self.dir / o.path).is_file()]
         if missing:  # a stage bug, not user input: never mark complete what is not there
@@ -177,7 +188,9 @@ class ArtifactStore:
         """
         key = stage_key(stage, version, config, inputs)
         previous = self.manifest(stage, key)
-        if previous is not None and previous.status != "complete":
+        if previous is not None and previous.status == "complete":
+            return StageRun(self, previous)  # the caller reuses it (or calls restart() to force a recompute)
+        if previous is not None:
             previous.status, previous.error = "running", None
             run = StageRun(self, previous)
         else:

@@ -76,3 +76,13 @@ def test_config_yaml_and_overrides(tmp_path):
         load_config(_Run, None, ["train.epoch=3"])
     with pytest.raises(UserError, match="not of the form key=value"):
         load_config(_Run, None, ["train.epochs"])
+
+
+def test_reopening_a_complete_stage_reuses_it_and_restart_forgets_it(tmp_path):
+    store = ArtifactStore(tmp_path)
+    run = store.open("train", "1", {"epochs": 2}, {"features": "f"})
+    run.complete()
+    again = store.open("train", "1", {"epochs": 2}, {"features": "f"})
+    assert again.is_complete and store.is_complete("train", run.manifest.key)
+    again.restart()
+    assert not store.is_complete("train", run.manifest.key)

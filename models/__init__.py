@@ -1,0 +1,43 @@
+"""nn.Modules and losses only: the CACE-Net localizer and its losses (no file I/O here)."""
+
+from .cace import (
+    GUIDE_MODES,
+    REFERENCE_GUIDE_NAMES,
+    CACEConfig,
+    CACENet,
+    CACEOutput,
+    CACEPrediction,
+    count_parameters,
+    create_model,
+    extract_state_dict,
+    load_reference_state_dict,
+    predict,
+    resolve_guide,
+)
+from .losses import (
+    SegmentTargets,
+    cace_loss,
+    derive_targets,
+    info_nce_loss,
+    supervised_contrastive_loss,
+)
+
+__all__ = [
+    "GUIDE_MODES",
+    "REFERENCE_GUIDE_NAMES",
+    "CACEConfig",
+    "CACENet",
+    "CACEOutput",
+    "CACEPrediction",
+    "count_parameters",
+    "create_model",
+    "extract_state_dict",
+    "load_reference_state_dict",
+    "predict",
+    "resolve_guide",
+    "SegmentTargets",
+    "cace_loss",
+    "derive_targets",
+    "info_nce_loss",
+    "supervised_contrastive_loss",
+]

@@ -1,0 +1,249 @@
+"""Feature sets for the localizer: AVE-layout HDF5 features + segment labels + splits, from either source.
+
+Two sources, one type (`FeatureSet`):
+- the extraction stage's store (`visual.h5`, `audio.h5` of this project, labels and splits from the dataset);
+- a folder in the public AVE layout a user already has: `visual_feature.h5`, `audio_feature.h5`, `labels.h5`,
+  `*_order.h5` (dataset `avadataset`; AVE-ECCV18 ships VGG-19 [4143,10,7,7,512] and VGGish [4143,10,128]).
+
+`FeatureSet.split(name)` gives a `SplitData` that serves batches as float tensors. It holds the split in memory
+(float32, converted once, not per epoch) when that fits a memory budget, otherwise it reads rows from the HDF5
+file per batch, so ResNet-50 maps of all AVE (16.6 GB) never need to be in RAM at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from pipeline import ave
+from pipeline.errors import UserError
+from pipeline.store import digest_json, file_sha256
+
+FEATURE_KEY = "avadataset"
+PUBLIC_NAMES = {"visual": "visual_feature.h5", "audio": "audio_feature.h5", "labels": "labels.h5"}
+
+
+def _quick_identity(path: Path) -> str:
+    """sha256 for files up to 256 MB; name + size + mtime beyond (hashing 7.7 GB of AVE features takes a minute)."""
+    st = path.stat()
+    if st.st_size <= 256 << 20:
+        return file_sha256(path)
+    return digest_json({"name": path.name, "size": st.st_size, "mtime": int(st.st_mtime)})
+
+
+def _dataset(f: h5py.File, path: Path) -> h5py.Dataset:
+    if FEATURE_KEY in f:
+        return f[FEATURE_KEY]
+    raise UserError(f"{path}: no dataset '{FEATURE_KEY}' (found {list(f.keys())}); AVE feature files keep their "
+                    f"array under '{FEATURE_KEY}'" + (" — CACE-Net's extractor writes 'dataset': rename it with "
+                                                      "h5py (f.move('dataset', 'avadataset'))" if "dataset" in f else ""))
+
+
+@dataclass
+class FeatureFile:
+    path: Path
+    shape: tuple[int, ...]
+    dtype: str
+    attrs: dict
+
+    @classmethod
+    def open(cls, path: Path, modality: str) -> "FeatureFile":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: {modality} feature file not found")
+        try:
+            with h5py.File(path, "r") as f:
+                d = _dataset(f, path)
+                attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+                if "valid" in f:
+                    attrs["_valid"] = np.asarray(f["valid"][()], bool)
+                return cls(path, tuple(d.shape), str(d.dtype), attrs)
+        except OSError as e:
+            raise UserError(f"{path}: not a readable HDF5 file ({e})") from None
+
+    @property
+    def random_init(self) -> bool:
+        return bool(self.attrs.get("random_init", False))
+
+
+@dataclass
+class FeatureSet:
+    visual: FeatureFile
+    audio: FeatureFile
+    labels: np.ndarray  # [N,10,C+1] one-hot, background last
+    splits: dict[str, np.ndarray]
+    class_names: list[str]
+    video_ids: list[str] | None = None  # per row, for prediction files
+    digests: dict[str, str] = field(default_factory=dict)
+    valid: np.ndarray | None = None  # [N] rows whose features were extracted
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        n, t = self.labels.shape[:2]
+        v, a = self.visual.shape, self.audio.shape
+        if len(v) != 5:
+            raise UserError(f"{self.visual.path}: visual features must be [N,T,H,W,C] (e.g. [N,10,7,7,2048]), got "
+                            f"shape {list(v)}")
+        if len(a) != 3:
+            raise UserError(f"{self.audio.path}: audio features must be [N,T,C] (e.g. [N,10,2048]), got {list(a)}")
+        for path, shape in ((self.visual.path, v), (self.audio.path, a)):
+            if shape[:2] != (n, t):
+                raise UserError(f"{path}: has {shape[0]} rows x {shape[1]} segments but the labels have {n} x {t}; "
+                                f"features and labels must come from the same Annotations.txt")
+        if self.valid is None:
+            self.valid = np.ones(n, bool)
+        for modality, ff in (("visual", self.visual), ("audio", self.audio)):
+            if "_valid" in ff.attrs:
+                self.valid &= ff.attrs["_valid"]
+            if ff.random_init:
+                self.notes.append(f"RANDOM WEIGHTS: the {modality} features in {ff.path} come from a randomly "
+                                  f"initialised encoder; accuracies are not comparable to published numbers")
+
+    @property
+    def video_dim(self) -> int:
+        return self.visual.shape[-1]
+
+    @property
+    def audio_dim(self) -> int:
+        return self.audio.shape[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.labels.shape[-1] - 1
+
+    def rows(self, split: str) -> np.ndarray:
+        if split not in self.splits:
+            raise UserError(f"split {split!r} is not available here (have: {', '.join(self.splits)})")
+        rows = self.splits[split]
+        return rows[self.valid[rows]]
+
+    def split(self, name: str, device: torch.device, memory_budget: int | None = None) -> "SplitData":
+        return SplitData(self, name, self.rows(name), device, memory_budget)
+
+
+def from_dataset(dataset_dir: Path, visual: Path, audio: Path) -> FeatureSet:
+    """Features written by this project's extraction stage for the dataset at `dataset_dir`."""
+    ds = ave.load_dataset(dataset_dir)
+    splits = {s: ds.split_rows(s) for s in ave.SPLITS}
+    fv, fa = FeatureFile.open(visual, "visual"), FeatureFile.open(audio, "audio")
+    return FeatureSet(fv, fa, ds.segment_labels(), splits, ds.classes, [a.video_id for a in ds.annotations],
+                      digests={"dataset": ds.digest(), "visual": _quick_identity(fv.path),
+                               "audio": _quick_identity(fa.path)})
+
+
+def from_public_folder(folder: Path) -> FeatureSet:
+    """A folder in the public AVE layout (visual_feature.h5, audio_feature.h5, labels.h5, *_order.h5).
+
+    labels.h5 may be absent when Annotations.txt is there (it is rebuilt from it, as tests check against AVE).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: features folder not found")
+    annotations = folder / ave.ANNOTATIONS
+    ds = ave.load_dataset(folder) if annotations.is_file() else None
+    labels_path = folder / PUBLIC_NAMES["labels"]
+    if labels_path.is_file():
+        with h5py.File(labels_path, "r") as f:
+            labels = np.asarray(_dataset(f, labels_path)[()], np.float32)
+        if labels.ndim != 3:
+            raise UserError(f"{labels_path}: labels must be [N,10,C+1] one-hot, got shape {list(labels.shape)}")
+    elif ds is not None:
+        labels = ds.segment_labels()
+    else:
+        raise UserError(f"{folder}: needs {PUBLIC_NAMES['labels']} or {ave.ANNOTATIONS} for the segment labels")
+    n = labels.shape[0]
+    splits = {}
+    for s in ave.SPLITS:
+        path = folder / f"{s}_order.h5"
+        if path.is_file():
+            splits[s] = ave.read_order(path, n)
+    if "test" not in splits:
+        raise UserError(f"{folder}: test_order.h5 not found; the public AVE layout has train/val/test_order.h5")
+    classes = ds.classes if ds is not None else [f"class {c}" for c in range(labels.shape[-1] - 1)]
+    fv = FeatureFile.open(folder / PUBLIC_NAMES["visual"], "visual")
+    fa = FeatureFile.open(folder / PUBLIC_NAMES["audio"], "audio")
+    return FeatureSet(fv, fa, labels, splits, classes, [a.video_id for a in ds.annotations] if ds else None,
+                      digests={"visual": _quick_identity(fv.path), "audio": _quick_identity(fa.path),
+                               "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
+                               "splits": digest_json({k: v.tolist() for k, v in splits.items()})})
+
+
+def available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class SplitData:
+    """Rows of one split as batches of (visual, audio, labels) float tensors on `device`."""
+
+    def __init__(self, fs: FeatureSet, name: str, rows: np.ndarray, device: torch.device,
+                 memory_budget: int | None = None):
+        self.fs, self.name, self.rows, self.device = fs, name, rows, device
+        self.labels = torch.from_numpy(fs.labels[rows]).float()
+        per_row = 4 * (np.prod(fs.visual.shape[1:]) + np.prod(fs.audio.shape[1:]))
+        budget = available_memory() // 2 if memory_budget is None else memory_budget
+        self.in_memory = per_row * len(rows) <= budget
+        self._visual = self._audio = None
+        if self.in_memory:  # one conversion to float32 now, none per epoch
+            self._visual = self._read(fs.visual.path, np.arange(len(rows)))
+            self._audio = self._read(fs.audio.path, np.arange(len(rows)))
+            if device.type == "cuda":
+                self._visual, self._audio = self._visual.to(device), self._audio.to(device)
+        self.labels = self.labels.to(device)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _read(self, path: Path, positions: np.ndarray) -> torch.Tensor:
+        rows = self.rows[positions]
+        order = np.argsort(rows)  # h5py fancy indexing wants increasing indices
+        with h5py.File(path, "r") as f:
+            d = f[FEATURE_KEY]
+            data = np.empty((len(rows), *d.shape[1:]), np.float32)
+            if len(rows):
+                data[order] = _read_rows(d, rows[order])
+        return torch.from_numpy(data)
+
+    def batch(self, positions: np.ndarray | torch.Tensor):
+        positions = np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions)
+        if self.in_memory:
+            idx = torch.from_numpy(positions).to(self._visual.device)
+            v, a = self._visual[idx], self._audio[idx]
+        else:
+            v, a = self._read(self.fs.visual.path, positions), self._read(self.fs.audio.path, positions)
+        return v.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True), \
+            self.labels[torch.from_numpy(positions).to(self.device)]
+
+
+def _read_rows(d: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Read increasing row indices; contiguous runs are read as slices (h5py point selection is slow)."""
+    out, start = [], 0
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for end in [*breaks.tolist(), len(rows)]:
+        out.append(np.asarray(d[rows[start]:rows[end - 1] + 1], np.float32))
+        start = end
+    return np.concatenate(out) if out else np.empty((0, *d.shape[1:]), np.float32)
+
+
+def newest_store_features(root: Path, dataset_dir: Path) -> FeatureSet:
+    """The newest complete visual and audio extraction of this dataset in the store (what `avel extract` wrote)."""
+    from pipeline.store import ArtifactStore
+
+    store, digest = ArtifactStore(root), ave.load_dataset(dataset_dir).digest()
+    found = {}
+    for modality in ("visual", "audio"):
+        done = [m for m in store.list(f"extract_{modality}") if m.status == "complete"
+                and m.inputs.get("dataset") == digest]
+        if not done:
+            raise UserError(f"no complete {modality} extraction of {dataset_dir} under {root}; run "
+                            f"`avel extract --dataset {dataset_dir} --root {root}` first, or pass --visual/--audio")
+        found[modality] = store.path(done[0].stage, done[0].key) / done[0].outputs[modality].path
+    return from_dataset(dataset_dir, found["visual"], found["audio"])

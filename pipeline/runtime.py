@@ -1,0 +1,47 @@
+"""Where computation runs and how it is seeded: resolve the device once, seed once, load torch files safely."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu. An explicit device that is not there is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA only: on CPU it is about 6x slower here (../shared/notes/stack.md)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def load_torch_file(path: Path, what: str) -> Any:
+    """torch.load with weights_only (no code execution from a downloaded file) and a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
+        raise UserError(f"{path}: not a readable PyTorch {what} ({str(e).splitlines()[0][:160]})") from None

@@ -1,0 +1,395 @@
+"""Training and evaluation of the CACE localizer (the `train` and `evaluate` stages).
+
+Recipe by default = the reference paper run (spec §3): Adam 7e-4, MultiStepLR [10,20,30] x0.5, 200 epochs,
+batch 64, gradient clipping 0.5, the five loss terms, BECE from epoch ceil(epochs/8) with lambda 0.6 and
+coefficient 1.0. What differs, on purpose:
+- the checkpoint is selected on the validation split and its test accuracy reported; `select_on: test`
+  reproduces the reference's best-on-test protocol, and both numbers are always labelled as what they are;
+- float32 by default (the contrastive loss is computed with logsumexp, finite at tau = 0.01); float64 on request;
+- features are converted to float32 tensors once (in memory when they fit), batches indexed directly: no
+  DataLoader workers, no per-epoch dtype conversion.
+A run writes best.pt / last.pt (atomic; last.pt carries optimizer state so a killed run resumes), a per-epoch
+metrics.csv, metrics.json and per-segment predictions of the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from models import CACEConfig, CACENet, cace_loss, derive_targets, load_reference_state_dict, predict
+from pipeline.config import StrictModel, dump_config
+from pipeline.errors import UserError
+from pipeline.features import FeatureSet, SplitData
+from pipeline.metrics import localization_metrics, segment_accuracy
+from pipeline.runtime import autocast, load_torch_file, resolve_device, seed_everything
+from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
+
+STAGE, VERSION = "train", "1"
+CHECKPOINT_FORMAT = "avel-cace/1"
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(200, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(7e-4, gt=0)
+    milestones: list[int] = [10, 20, 30]
+    lr_gamma: float = 0.5
+    clip_grad: float | None = 0.5
+    contrastive: bool = True  # BECE (loss + lambda-mixing in the event head)
+    bece_start: int | None = Field(None, ge=0, description="first BECE epoch; None = ceil(epochs / 8) as the reference")
+    contrastive_coeff: float = 1.0
+    temperature: float = Field(0.01, gt=0)
+    seed: int = 3917
+    select_on: Literal["val", "test"] = "val"
+    dtype: Literal["float32", "float64"] = "float32"
+    amp: bool = True  # bf16 autocast, CUDA only
+    device: str = "auto"
+    memory_budget_gb: float | None = None  # None: half the free RAM
+    model: dict[str, Any] = {}  # CACEConfig overrides: guide, psi, lam, alpha, ... (dims come from the features)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model_fields(cls, value: dict) -> dict:
+        known = set(CACEConfig.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown model field(s) {unknown}; known: {', '.join(sorted(known))}")
+        return value
+
+    @property
+    def first_bece_epoch(self) -> int:
+        return self.bece_start if self.bece_start is not None else math.ceil(self.epochs / 8)
+
+    def key_fields(self) -> dict:
+        """Fields that change the result (the device does not, by intent)."""
+        return {k: v for k, v in dump_config(self).items() if k not in ("device", "memory_budget_gb")}
+
+
+def model_config(fs: FeatureSet, overrides: dict) -> CACEConfig:
+    """Dims come from the features; a conflicting explicit dim is a user error, not a silent mismatch."""
+    dims = {"video_dim": fs.video_dim, "audio_dim": fs.audio_dim, "num_classes": fs.num_classes}
+    for name, actual in dims.items():
+        if name in overrides and overrides[name] != actual:
+            raise UserError(f"model.{name}={overrides[name]} but the features give {actual} "
+                            f"({fs.visual.path.name}: {list(fs.visual.shape)}, {fs.audio.path.name}: "
+                            f"{list(fs.audio.shape)}); remove model.{name} to take it from the features")
+    try:
+        return CACEConfig.from_dict({**overrides, **dims})
+    except ValueError as e:
+        raise UserError(f"model config: {e}") from None
+
+
+# ---- inference ----------------------------------------------------------------------------------------------------
+@dataclass
+class Predictions:
+    labels: np.ndarray  # [n,T] predicted label (background = C)
+    event_prob: np.ndarray  # [n,T]
+    class_prob: np.ndarray  # [n] softmax probability of the video's predicted class
+    targets: np.ndarray  # [n,T]
+
+
+@torch.no_grad()
+def infer(model: CACENet, data: SplitData, batch_size: int, amp: bool = False) -> Predictions:
+    model.eval()
+    out = {"labels": [], "event_prob": [], "class_prob": [], "targets": []}
+    for start in range(0, len(data), batch_size):
+        v, a, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
+        with autocast(data.device, amp):
+            o = model(v.to(model.v_fc.weight.dtype), a.to(model.v_fc.weight.dtype))
+        p = predict(o)
+        out["labels"].append(p.labels.cpu())
+        out["event_prob"].append(p.event_prob.float().cpu())
+        out["class_prob"].append(o.event_scores.float().softmax(-1).max(-1).values.cpu())
+        out["targets"].append(derive_targets(y).y_eval.cpu())
+    cat = {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in out.items()}
+    return Predictions(**cat)
+
+
+def write_predictions(path: Path, fs: FeatureSet, rows: np.ndarray, p: Predictions) -> None:
+    names = [*fs.class_names, "background"]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "video_id", "segment", "predicted", "predicted_name", "event_prob", "class_prob",
+                    "target", "target_name", "correct"])
+        for i, row in enumerate(rows):
+            vid = fs.video_ids[row] if fs.video_ids else ""
+            for t in range(p.labels.shape[1]):
+                pred, tgt = int(p.labels[i, t]), int(p.targets[i, t])
+                w.writerow([int(row), vid, t, pred, names[pred], f"{p.event_prob[i, t]:.4f}",
+                            f"{p.class_prob[i]:.4f}", tgt, names[tgt], int(pred == tgt)])
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: CACENet, **info: Any) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "model_config": model.cfg.to_dict(),
+             "bece_enabled": model.bece_enabled, **info}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_model(path: Path, bece: bool | None = None) -> tuple[CACENet, dict]:
+    """A CACENet from our checkpoint or the reference's (raw / wrapped state dict, 'module.' prefix).
+
+    The reference evaluates with its contrastive switch on (spec §3.2), so a reference checkpoint gets
+    bece_enabled=True unless `bece` says otherwise.
+    """
+    obj = load_torch_file(path, "checkpoint")
+    info = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else {}
+    try:
+        cfg = CACEConfig.from_dict(info["model_config"]) if info else _infer_reference_config(obj)
+        model = load_reference_state_dict(CACENet(cfg), obj)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+    model.bece_enabled = bool(info.get("bece_enabled", True)) if bece is None else bece
+    return model, info
+
+
+def _infer_reference_config(obj: Any) -> CACEConfig:
+    from models import extract_state_dict
+
+    state = extract_state_dict(obj)
+    if "v_fc.weight" not in state:
+        raise ValueError("no v_fc.weight: this is not a CACE-Net localizer checkpoint")
+    if any(k.startswith("spatial_channel_att.video_query2") for k in state):
+        guide = "co"
+    elif any(k.startswith("spatial_channel_att.") for k in state):
+        guide = "visual_guides_audio"
+    else:
+        guide = "none"
+    return CACEConfig(video_dim=state["v_fc.weight"].shape[1], audio_dim=state["a_fc.weight"].shape[1],
+                      num_classes=state["localize_module.event_classifier.weight"].shape[0], guide=guide)
+
+
+def check_compatible(model: CACENet, fs: FeatureSet, path: Path) -> None:
+    cfg = model.cfg
+    for name, have in (("video_dim", fs.video_dim), ("audio_dim", fs.audio_dim), ("num_classes", fs.num_classes)):
+        if getattr(cfg, name) != have:
+            raise UserError(f"{path}: the model has {name}={getattr(cfg, name)} but the features give {have}; "
+                            f"evaluate it on features from the encoders it was trained on")
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    dir: Path
+    key: str
+    reused: bool
+    metrics: dict
+
+
+EpochCallback = Callable[[dict], None]
+
+
+def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None = None) -> dict:
+    """Train one seed into `out_dir`, resuming from `out_dir/last.pt` if a previous run was cut off."""
+    device = resolve_device(cfg.device)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None
+    splits = {"train": fs.split("train", device, budget), "test": fs.split("test", device, budget)}
+    if cfg.select_on == "val" or "val" in fs.splits:
+        splits["val"] = fs.split("val", device, budget)
+    if len(splits["train"]) == 0:
+        raise UserError("the train split is empty")
+    if cfg.select_on == "val" and len(splits["val"]) == 0:
+        raise UserError("the val split is empty: cannot select a checkpoint on it; use select_on=test (the "
+                        "reference's protocol) and read its number as optimistic")
+
+    seed_everything(cfg.seed)
+    model = CACENet(model_config(fs, cfg.model)).to(device=device, dtype=dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.lr_gamma)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict] = []
+    best = {"epoch": -1, "score": -1.0}
+    start_epoch = 0
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if last_path.is_file():  # resume: a long run loses nothing already computed
+        state = load_torch_file(last_path, "checkpoint")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        shuffle.set_state(state["shuffle_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
+
+    info = {"seed": cfg.seed, "train_config": dump_config(cfg), "features": fs.digests,
+            "classes": fs.class_names, "encoders": {"visual": _public_attrs(fs.visual.attrs),
+                                                    "audio": _public_attrs(fs.audio.attrs)}}
+    train = splits["train"]
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        model.bece_enabled = cfg.contrastive and epoch >= cfg.first_bece_epoch
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        correct = total = 0
+        perm = torch.randperm(len(train), generator=shuffle)
+        for start in range(0, len(train), cfg.batch_size):
+            v, a, y = train.batch(perm[start:start + cfg.batch_size])
+            with autocast(device, cfg.amp):
+                out = model(v.to(dtype), a.to(dtype))
+            out = type(out)(*(t.to(dtype) for t in out))  # losses in full precision (tau = 0.01 needs it)
+            loss, terms = cace_loss(out, y.to(dtype), contrastive=model.bece_enabled,
+                                    contrastive_coeff=cfg.contrastive_coeff, temperature=cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            optimizer.step()
+            n = len(y)
+            for k, val in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(val.detach()) * n
+            pred = predict(out).labels
+            correct += int((pred == derive_targets(y).y_eval).sum())
+            total += pred.numel()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        train_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        accs = {name: segment_accuracy(p.labels, p.targets)
+                for name, p in ((s, infer(model, splits[s], cfg.eval_batch_size, cfg.amp)) for s in splits
+                                if s != "train")}
+        record = {"epoch": epoch, "lr": lr, "bece": model.bece_enabled,
+                  **{k: v / len(train) for k, v in sums.items()}, "train_acc": 100 * correct / max(total, 1),
+                  **{f"{s}_acc": acc for s, acc in accs.items()}, "train_s": train_s,
+                  "eval_s": time.perf_counter() - t1}
+        history.append(record)
+        score = accs[cfg.select_on]
+        if score > best["score"]:  # ties keep the earlier epoch
+            best = {"epoch": epoch, "score": score}
+            save_checkpoint(best_path, model, epoch=epoch, metrics=record, **info)
+        save_checkpoint(last_path, model, epoch=epoch, metrics=record, optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), shuffle_rng=shuffle.get_state(),
+                        torch_rng=torch.get_rng_state(), history=history, best=best, **info)
+        _write_history(out_dir / "metrics.csv", history)
+        if on_epoch:
+            on_epoch(record)
+
+    best_model, _ = load_model(best_path)
+    best_model.to(device=device, dtype=dtype)
+    test_pred = infer(best_model, splits["test"], cfg.eval_batch_size, cfg.amp)
+    write_predictions(out_dir / "predictions_test.csv", fs, splits["test"].rows, test_pred)
+    test_metrics = localization_metrics(test_pred.labels, test_pred.targets, fs.num_classes, fs.class_names)
+    by_test = max(history, key=lambda r: r["test_acc"])
+    summary = {
+        "selected_on": cfg.select_on,
+        "best_epoch": best["epoch"],
+        "selection_accuracy": best["score"],
+        "test_accuracy": test_metrics["accuracy"],
+        "test_accuracy_label": ("test accuracy of the val-selected checkpoint" if cfg.select_on == "val" else
+                                "best-on-test accuracy (reference protocol: selected on test, optimistic)"),
+        "best_on_test_accuracy": by_test["test_acc"],
+        "best_on_test_epoch": by_test["epoch"],
+        "last_epoch_test_accuracy": history[-1]["test_acc"],
+        "all_background_accuracy": test_metrics["all_background_accuracy"],
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "train_s_per_epoch": float(np.mean([r["train_s"] for r in history])),
+        "eval_s_per_pass": float(np.mean([r["eval_s"] for r in history])) / max(len(splits) - 1, 1),
+        "device": str(device),
+        "test": test_metrics,
+        "notes": fs.notes,
+    }
+    write_json_atomic(out_dir / "metrics.json", summary)
+    return summary
+
+
+def _public_attrs(attrs: dict) -> dict:
+    return {k: v for k, v in attrs.items() if not k.startswith("_")}
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        for r in history:
+            w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
+
+
+def train_stage(fs: FeatureSet, cfg: TrainConfig, root: Path, *, force: bool = False,
+                on_epoch: EpochCallback | None = None) -> TrainResult:
+    """The `train` stage in the artifact store: reused when the same config and features were trained before."""
+    store = ArtifactStore(root)
+    run = store.open(STAGE, VERSION, cfg.key_fields(), fs.digests)
+    if run.is_complete and not force:
+        return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
+    if force:  # also drop last.pt, or the run would "resume" from the finished one
+        run.restart()
+        for name in ("last.pt", "best.pt"):
+            (run.dir / name).unlink(missing_ok=True)
+    run.manifest.warnings = list(fs.notes)
+    try:
+        summary = train_model(fs, cfg, run.dir, on_epoch)
+    except BaseException as e:
+        run.fail(e)
+        raise
+    for name, rel in (("best", "best.pt"), ("last", "last.pt"), ("metrics_csv", "metrics.csv"),
+                      ("metrics", "metrics.json"), ("predictions_test", "predictions_test.csv")):
+        run.add_output(name, rel, sha256=rel.endswith(".pt"))
+    run.manifest.metrics = {k: v for k, v in summary.items() if k not in ("test", "notes")}
+    run.manifest.timings.update(train_s_per_epoch=summary["train_s_per_epoch"],
+                                eval_s_per_pass=summary["eval_s_per_pass"])
+    run.complete()
+    return TrainResult(run.dir, run.manifest.key, False, run.manifest.metrics)
+
+
+def train_seeds(fs: FeatureSet, cfg: TrainConfig, seeds: list[int], root: Path, **kw) -> tuple[list[TrainResult], dict]:
+    """One run per seed (each its own stage key), and the mean/std of what each reports."""
+    results = [train_stage(fs, cfg.model_copy(update={"seed": s}), root, **kw) for s in seeds]
+    accs = np.array([r.metrics["test_accuracy"] for r in results])
+    return results, {"seeds": seeds, "test_accuracy_mean": float(accs.mean()),
+                     "test_accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                     "label": results[0].metrics["test_accuracy_label"]}
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------------------
+def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: str = "auto",
+             dtype: str = "float32", batch_size: int = 64, bece: bool | None = None,
+             out_dir: Path | None = None) -> dict:
+    """Metrics of a checkpoint (ours or the reference's) on one split; writes predictions when out_dir is given."""
+    dev = resolve_device(device)
+    model, info = load_model(checkpoint, bece)
+    check_compatible(model, fs, checkpoint)
+    model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
+    data = fs.split(split, dev)
+    t0 = time.perf_counter()
+    p = infer(model, data, batch_size)
+    metrics = localization_metrics(p.labels, p.targets, fs.num_classes, fs.class_names)
+    metrics.update(split=split, eval_s=time.perf_counter() - t0, checkpoint=str(checkpoint),
+                   checkpoint_epoch=info.get("epoch"), notes=fs.notes)
+    if out_dir is not None:
+        write_predictions(Path(out_dir) / f"predictions_{split}.csv", fs, data.rows, p)
+        write_json_atomic(Path(out_dir) / f"metrics_{split}.json", metrics)
+    return metrics
+
+
+def evaluate_stage(checkpoint: Path, fs: FeatureSet, root: Path, split: str = "test", *, force: bool = False,
+                   **kw) -> TrainResult:
+    store = ArtifactStore(root)
+    run = store.open("evaluate", VERSION, {"split": split, **{k: v for k, v in kw.items() if k != "device"}},
+                     {"checkpoint": file_sha256(checkpoint), **fs.digests})
+    if run.is_complete and not force:
+        return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
+    if force:
+        run.restart()
+    try:
+        metrics = evaluate(checkpoint, fs, split, out_dir=run.dir, **kw)
+    except BaseException as e:
+        run.fail(e)
+        raise
+    run.add_output("metrics", f"metrics_{split}.json")
+    run.add_output("predictions", f"predictions_{split}.csv")
+    run.manifest.metrics = {k: metrics[k] for k in ("accuracy", "correct_segments", "segments",
+                                                    "all_background_accuracy", "event", "background")}
+    run.manifest.warnings = list(fs.notes)
+    run.complete()
+    return TrainResult(run.dir, run.manifest.key, False, run.manifest.metrics)
