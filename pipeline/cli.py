@@ -77,7 +77,7 @@ def dataset_summary(dataset: Path = typer.Argument(..., help="Dataset folder."))
 def print_dataset_summary(ds: ave.AVEDataset) -> None:
     mask = ds.event_mask()
     table = Table(title=f"{ds.root}: {len(ds)} rows, {len(ds.video_ids())} videos, {len(ds.classes)} classes")
-    for col in ("split", "videos", "segments", "event", "background", "all-background acc"):
+    for col in ("split", "rows", "segments", "event", "background", "all-background acc"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for split in ave.SPLITS:
         rows = ds.split_rows(split)
@@ -236,6 +236,139 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
     console.print(f"event segments: precision {m['event']['precision']:.2f} %, recall {m['event']['recall']:.2f} %, "
                   f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %")
     console.print(f"{split} accuracy: {m['accuracy']:.2f} %")
+
+
+# ---- features ---------------------------------------------------------------------------------------------------
+@app.command()
+def extract(dataset: Path = DatasetOption, root: Path = RootOption,
+            modality: Optional[str] = typer.Option(None, help="visual, audio or both (default both)."),
+            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="ResNet-50 weights: "
+                                                          "torchvision ImageNet file, CACE-Net I_state_dict or an "
+                                                          "`avel finetune` output (default: the torch hub cache)."),
+            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 checkpoint "
+                                                         "(default: ~/panns_data/Cnn14_mAP=0.431.pth)."),
+            random_init: bool = typer.Option(False, "--random-init", help="Random encoder weights (testing only)."),
+            frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment",
+                                                             help="Frames averaged per second (AVE: 16)."),
+            dtype: Optional[str] = typer.Option(None, help="float32 (default) or float16."),
+            device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+            workers: Optional[int] = typer.Option(None, help="Decoding processes."),
+            max_failure_share: Optional[float] = typer.Option(None, "--max-failure-share",
+                                                              help="Exit non-zero if more rows than this fail."),
+            config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `extract:` "
+                                                                         "section)."),
+            set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set visual_batch_frames=64."),
+            force: bool = typer.Option(False, help="Recompute even if these features exist.")):
+    """Extract ResNet-50 and Cnn14 features (visual.h5, audio.h5 in the AVE layout); resumes an interrupted run."""
+    from rich.panel import Panel
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.config import load_config, validate
+    from pipeline.extract import ExtractConfig, TooManyFailures
+    from pipeline.extract import extract as run_extract
+
+    given = {"modality": modality, "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
+             "frames_per_segment": frames_per_segment, "dtype": dtype, "device": device, "workers": workers,
+             "max_failure_share": max_failure_share, "random_init": True if random_init else None}
+    cfg = load_config(ExtractConfig, config, list(set_), section="extract")
+    cfg = validate(ExtractConfig, {**cfg.model_dump(), **{k: v for k, v in given.items() if v is not None}},
+                   "command-line options")
+    if cfg.random_init:
+        console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init builds the encoders with random weights. "
+                            "The features are for testing the pipeline only; every output is marked so.",
+                            style="bold red"))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("extracting", total=None)
+
+        def on_progress(done: int, total: int, video_id: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"extracting {video_id}".rstrip())
+
+        try:
+            results = run_extract(dataset, cfg, root, force=force, progress=on_progress)
+            failed = None
+        except TooManyFailures as e:
+            results, failed = e.results, e
+    for r in results.values():
+        tag = " [bold red](RANDOM WEIGHTS)[/bold red]" if r.random_init else ""
+        status = "reused" if r.reused else ("wrote" if r.manifest.status == "complete" else "FAILED")
+        if r.failed_rows:
+            console.print(f"{r.modality}: {len(r.failed_rows)} of {r.rows} rows failed (zeros, valid=False): rows "
+                          f"{', '.join(map(str, r.failed_rows[:20]))}{' ...' if len(r.failed_rows) > 20 else ''}")
+        for w in r.manifest.warnings:
+            if not w.startswith("RANDOM WEIGHTS"):
+                console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        shown = r.path if r.manifest.status == "complete" else r.dir / "manifest.json"
+        console.print(f"{r.modality} features ({status}){tag}: {shown}", highlight=False, soft_wrap=True)
+    if failed is not None:
+        Console(stderr=True).print(f"[red]error:[/red] {failed}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+# ---- fine-tuning ------------------------------------------------------------------------------------------------
+@app.command()
+def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
+             config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `finetune:` "
+                                                                          "section)."),
+             set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=5 --set "
+                                                              "crop_size=112 --set frames_per_video=3."),
+             audio: Optional[Path] = typer.Option(None, "--audio", help="Audio feature h5 [N,10,D] (default: the "
+                                                                        "newest complete audio extraction of this "
+                                                                        "dataset in the store)."),
+             resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="Initial ResNet-50 weights "
+                                                           "(default: the ImageNet file in the torch hub cache)."),
+             random_init: bool = typer.Option(False, "--random-init", help="Start from random weights (testing only)."),
+             force: bool = typer.Option(False, help="Fine-tune again even if this run exists (drops its resume "
+                                                    "point).")):
+    """Fine-tune ResNet-50 with InfoNCE on video-level audio/visual pairs (train+val, never test); report
+    audio<->visual retrieval recall before/after on held-out videos; save weights for `avel extract`."""
+    from rich.panel import Panel
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.config import load_config
+    from pipeline.finetune import FinetuneConfig, finetune_stage, newest_audio_features
+
+    cfg = load_config(FinetuneConfig, config, list(set_), section="finetune")
+    audio_h5 = audio if audio is not None else newest_audio_features(root, dataset)
+    if random_init:
+        console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init starts from a randomly initialised "
+                            "ResNet-50. The weights are for testing the pipeline only; the outputs are marked so.",
+                            style="bold red"))
+    console.print(f"audio features: {audio_h5}", highlight=False, soft_wrap=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("fine-tuning (measuring retrieval before)", total=cfg.epochs)
+
+        def on_epoch(r: dict) -> None:
+            bar.update(task, completed=r["epoch"] + 1, description=f"epoch {r['epoch']}: loss {r['loss']:.4f} "
+                       f"lr {r['lr']:.2g} T {r['temperature']:.3g} ({r['seconds']:.1f} s)")
+
+        result = finetune_stage(dataset, audio_h5, cfg, root, resnet_weights=resnet_weights,
+                                random_init=random_init, force=force, on_epoch=on_epoch)
+    m = result.metrics
+    console.print(f"{'reused' if result.reused else 'fine-tuned'} {result.dir}: {m.get('train_videos')} training videos "
+                  f"(train+val), {m.get('heldout_videos')} held out, {len(m.get('excluded_test_overlap', []))} "
+                  f"excluded (their ID serves the test split); loss {m['first_epoch_loss']:.4f} -> "
+                  f"{m['final_loss']:.4f} over {m['epochs']} epochs", highlight=False, soft_wrap=True)
+    table = Table(title="retrieval on held-out videos (recall %)")
+    for col in ("", "a->v R@1", "a->v R@5", "v->a R@1", "v->a R@5", "videos"):
+        table.add_column(col, justify="right" if col else "left")
+    for when in ("before", "after"):
+        r = result.retrieval.get(when, {})
+        if "audio_to_visual" not in r:
+            table.add_row(when, *[""] * 4, f"{r.get('n', 0)} ({r.get('skipped', 'not measured')})")
+            continue
+        table.add_row(when, *(f"{r[d][k]:.1f}" for d in ("audio_to_visual", "visual_to_audio") for k in ("R@1", "R@5")),
+                      str(r["n"]))
+    chance = result.retrieval.get("after", {}).get("chance")
+    if chance:
+        table.add_row("chance", f"{chance['R@1']:.1f}", f"{chance['R@5']:.1f}", f"{chance['R@1']:.1f}",
+                      f"{chance['R@5']:.1f}", "")
+    console.print(table)
+    console.print(f"weights: {result.weights}\nsha256:  {result.sha256}\nreference format (I_state_dict): "
+                  f"{result.reference_weights}", highlight=False, soft_wrap=True)
+    console.print(f"next: avel extract --dataset {dataset} --root {root} --modality visual --resnet-weights "
+                  f"{result.weights}   (the audio features are reused)", highlight=False, soft_wrap=True)
 
 
 # ---- the main job -----------------------------------------------------------------------------------------------

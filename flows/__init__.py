@@ -1,0 +1,12 @@
+"""Prefect orchestration over the plain stage functions of `pipeline/`. The only package that imports prefect.
+
+Settings that must be in place before `import prefect` (../shared/notes/stack.md): telemetry off (its writes
+cause "database is locked" on the temporary server's SQLite) and a start-up timeout long enough for a cold
+start of the temporary local server on a 2-core machine. A user's own environment variables win.
+"""
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
