@@ -211,6 +211,19 @@ class AVEDataset:
             out[a.video_id].append(a.row)
         return dict(out)
 
+    def digest(self) -> str:
+        """Identity of the dataset for stage keys: the annotation rows, the split files, and each video's name and
+        size. Hashing every video's bytes (about 20 GB for AVE) would cost minutes per run; a re-encoded video of
+        the same size would go unnoticed, which `--force` covers."""
+        from pipeline.store import digest_json, file_sha256
+
+        splits = {s: file_sha256(self.root / f"{s}_order.h5") for s in SPLITS if (self.root / f"{s}_order.h5").is_file()}
+        videos = {}
+        for vid in self.video_ids():
+            path = self.video_path(vid)
+            videos[vid] = path.stat().st_size if path.is_file() else None
+        return digest_json({"annotations": [a.line() for a in self.annotations], "splits": splits, "videos": videos})
+
     def check(self, open_files: bool = True) -> DatasetCheck:
         """Which video files are missing or cannot be opened. Opening reads the container header only."""
         missing, unreadable, present = [], {}, 0
