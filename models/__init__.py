@@ -14,6 +14,7 @@ from .cace import (
     predict,
     resolve_guide,
 )
+from .finetune import RESNET_STAGES, AudioVisualContrastive, ProjectionHead  # noqa: F401  (fine-tuning)
 from .losses import (
     SegmentTargets,
     cace_loss,

@@ -371,17 +371,131 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
                   f"{result.weights}   (the audio features are reused)", highlight=False, soft_wrap=True)
 
 
-# ---- the main job -----------------------------------------------------------------------------------------------
+# ---- predicting on your own videos ------------------------------------------------------------------------------
 @app.command()
-def demo(root: Path = RootOption, videos: int = typer.Option(24, help="Videos in the generated dataset."),
-         seed: int = typer.Option(0, help="Seed of the generated dataset.")):
-    """Generate a small synthetic AVE dataset under ROOT/datasets and print its summary."""
-    from pipeline.synth import SynthConfig, generate_dataset
+def predict(videos: list[Path] = typer.Argument(..., help="Video files (any length and frame rate) or folders."),
+            model: str = typer.Option(..., "--model", help="A train run folder (<root>/train/<key>, its best.pt is "
+                                                             "used), train/<key> in --root, or a checkpoint file."),
+            out: Path = typer.Option(Path("predictions"), "--out", help="Folder for the JSON, CSV and PNG files."),
+            dataset: Optional[Path] = typer.Option(None, "--dataset", help="AVE-format dataset: ground truth for "
+                                                                           "videos whose ID (file name) is in it."),
+            root: Path = RootOption,
+            device: str = typer.Option("auto", help="auto, cpu, cuda."),
+            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="ResNet-50 weight file, "
+                                                          "if the store and the default location lack it (its "
+                                                          "sha256 must match the checkpoint's)."),
+            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 weight file (sha256 "
+                                                         "checked likewise).")):
+    """Localize events in your own videos: per second, event or background, class and probability (+ a picture)."""
+    import numpy as np
 
-    out = Path(root) / "datasets" / f"synth-v{videos}-s{seed}"
-    if not (out / ave.ANNOTATIONS).is_file():
-        generate_dataset(out, SynthConfig(videos=videos, seed=seed))
-    print_dataset_summary(ave.load_dataset(out))
+    from pipeline.predict import predict_videos
+
+    def show_model(loc) -> None:
+        enc = ", ".join(f"{m} {p.encoder} ({'random init, seed %d' % p.seed if p.random_init else p.source})"
+                        for m, p in loc.plans.items())
+        console.print(f"model {loc.checkpoint} ({len(loc.class_names)} classes; encoders: {enc}; {loc.device})",
+                      highlight=False, soft_wrap=True)
+        for note in loc.notes:
+            console.print(f"[bold red]{note}[/bold red]" if note.startswith("RANDOM") else f"[yellow]{note}[/yellow]",
+                          highlight=False, soft_wrap=True)
+
+    def show(vp) -> None:
+        if not vp.ok:
+            console.print(f"[red]failed[/red] {vp.video}: {vp.error}", highlight=False, soft_wrap=True)
+            return
+        flags = f" [yellow]({', '.join(vp.flags)})[/yellow]" if vp.flags else ""
+        console.print(f"[bold]{vp.video}[/bold]: {vp.duration_s:.2f} s -> {vp.seconds} one-second rows in "
+                      f"{vp.windows} window(s) of 10 s{flags}", highlight=False, soft_wrap=True)
+        table = Table(box=None, padding=(0, 1), show_edge=False)
+        for col in ("s", "label", "event p", "class p", *(["truth"] if vp.ground_truth is not None else [])):
+            table.add_column(col, justify="right" if col in ("s", "event p", "class p") else "left")
+        rows = vp.rows
+        if len(rows) > 60:  # a long video: runs of equal label, every second is in the CSV
+            runs = []
+            for r in rows:
+                if runs and runs[-1][-1]["label"] == r["label"] and runs[-1][-1]["window"] == r["window"]:
+                    runs[-1].append(r)
+                else:
+                    runs.append([r])
+            for run_ in runs:
+                a, b = run_[0], run_[-1]
+                table.add_row(f"{a['second']}-{b['second']}", a["label"],
+                              f"{np.mean([r['event_prob'] for r in run_]):.2f}", f"{a['class_prob']:.2f}")
+        else:
+            for r in rows:
+                style = None if r["is_event"] else "dim"
+                table.add_row(str(r["second"]), r["label"], f"{r['event_prob']:.2f}", f"{r['class_prob']:.2f}",
+                              *([str(r.get("ground_truth") or "-")] if vp.ground_truth is not None else []),
+                              style=style)
+        console.print(table)
+        for note in vp.notes:
+            style = "yellow" if ("no audio" in note or "could not" in note) else "dim"
+            console.print(f"  [{style}]{note}[/{style}]", highlight=False, soft_wrap=True)
+        console.print(f"  files: {', '.join(vp.files.values())}", highlight=False, soft_wrap=True)
+
+    with console.status("localizing"):
+        results = predict_videos(videos, model, out, device=device, dataset=dataset, root=root,
+                                 resnet_weights=resnet_weights, cnn14_weights=cnn14_weights, on_model=show_model,
+                                 on_video=show)
+    ok = sum(vp.ok for vp in results)
+    console.print(f"{ok} of {len(results)} video(s) localized; summary: {out / 'summary.json'}, "
+                  f"{out / 'summary.csv'}", highlight=False, soft_wrap=True)
+    if ok == 0:
+        raise typer.Exit(1)
+
+
+# ---- the main job -----------------------------------------------------------------------------------------------
+def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[str]) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    from flows.pipeline import full_pipeline  # imports prefect: only the orchestration commands pay for it
+
+    result = full_pipeline(config_path=str(config_path) if config_path else None, overrides=overrides,
+                           force=force)
+    table = Table(title=f"pipeline on {result['dataset']}")
+    for col in ("stage", "", "seconds", "key"):
+        table.add_column(col)
+    for o in result["stages"]:
+        table.add_row(o["label"], "reused" if o["reused"] else "computed", f"{o['seconds']:.1f}", o["key"])
+    console.print(table)
+    for w in result["warnings"]:
+        console.print(f"[bold red]{w}[/bold red]" if w.startswith("RANDOM") else f"[yellow]warning:[/yellow] {w}")
+    console.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
+                  f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s", highlight=False)
+
+
+@app.command()
+def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML (see pipeline/demo.yaml)."),
+        set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
+        force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
+        root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config).")):
+    """Run the full pipeline (Prefect flow): extract -> fine-tune -> re-extract -> train -> evaluate."""
+    _run_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force))
+
+
+@app.command()
+def demo(root: Path = RootOption,
+         set_: list[str] = typer.Option([], "--set", help="Override a demo setting, e.g. --set train.epochs=10."),
+         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it.")):
+    """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/demo.yaml)."""
+    from pipeline.pipeline_config import demo_config_path
+
+    _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force))
+
+
+@app.command()
+def schedule(cron: str = typer.Option(..., "--cron", help='Cron schedule, e.g. "0 3 * * *".'),
+             config: Path = typer.Option(..., "--config", help="Pipeline config YAML."),
+             name: str = typer.Option("avel-scheduled", help="Deployment name."),
+             set_: list[str] = typer.Option([], "--set", help="Override a setting.")):
+    """Serve the full-pipeline flow on a cron schedule (needs a Prefect server: see the README). Blocks."""
+    from flows.pipeline import full_pipeline, resolve_config
+
+    resolve_config(str(config), None, list(set_))  # fail now on a bad config, not at 3 am
+    full_pipeline.serve(name=name, cron=cron, parameters={"config_path": str(config.resolve()),
+                                                          "overrides": list(set_)})
 
 
 def main() -> None:

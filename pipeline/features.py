@@ -123,8 +123,9 @@ class FeatureSet:
         rows = self.splits[split]
         return rows[self.valid[rows]]
 
-    def split(self, name: str, device: torch.device, memory_budget: int | None = None) -> "SplitData":
-        return SplitData(self, name, self.rows(name), device, memory_budget)
+    def split(self, name: str, device: torch.device, memory_budget: int | None = None,
+              norm: "FeatureNorm | None" = None) -> "SplitData":
+        return SplitData(self, name, self.rows(name), device, memory_budget, norm)
 
 
 def from_dataset(dataset_dir: Path, visual: Path, audio: Path) -> FeatureSet:
@@ -174,6 +175,54 @@ def from_public_folder(folder: Path) -> FeatureSet:
                                "splits": digest_json({k: v.tolist() for k, v in splits.items()})})
 
 
+@dataclass
+class FeatureNorm:
+    """Per-channel mean and std of the visual and audio features (over rows, segments and positions).
+
+    Used when training with `standardize_features`: randomly initialised encoders give features whose raw
+    scale hides the signal (Cnn14's random embeddings have std ~0.01 and cosine ~0.997 between any two
+    seconds), so the localizer sees z-scores. The statistics come from the train split only and travel in the
+    checkpoint, so evaluation and prediction apply exactly the same transform.
+    """
+
+    visual_mean: torch.Tensor
+    visual_std: torch.Tensor
+    audio_mean: torch.Tensor
+    audio_std: torch.Tensor
+
+    def apply(self, visual: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = visual.device
+        return ((visual - self.visual_mean.to(dev)) / self.visual_std.to(dev),
+                (audio - self.audio_mean.to(dev)) / self.audio_std.to(dev))
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("visual_mean", "visual_std", "audio_mean", "audio_std")}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "FeatureNorm | None":
+        return cls(**{k: torch.as_tensor(v, dtype=torch.float32) for k, v in d.items()}) if d else None
+
+
+def channel_stats(fs: FeatureSet, rows: np.ndarray, chunk: int = 64) -> FeatureNorm:
+    """Streaming per-channel mean/std over `rows` (float64 sums; memory bounded by `chunk` rows)."""
+    out = {}
+    for name, ff in (("visual", fs.visual), ("audio", fs.audio)):
+        total = np.zeros(ff.shape[-1]), np.zeros(ff.shape[-1])
+        count = 0
+        with h5py.File(ff.path, "r") as f:
+            d = f[FEATURE_KEY]
+            ordered = np.sort(rows)
+            for start in range(0, len(ordered), chunk):
+                x = _read_rows(d, ordered[start:start + chunk]).reshape(-1, ff.shape[-1]).astype(np.float64)
+                total = total[0] + x.sum(0), total[1] + (x * x).sum(0)
+                count += x.shape[0]
+        mean = total[0] / max(count, 1)
+        std = np.sqrt(np.maximum(total[1] / max(count, 1) - mean ** 2, 0)) + 1e-6
+        out[f"{name}_mean"], out[f"{name}_std"] = (torch.tensor(mean, dtype=torch.float32),
+                                                   torch.tensor(std, dtype=torch.float32))
+    return FeatureNorm(**out)
+
+
 def available_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -185,8 +234,8 @@ class SplitData:
     """Rows of one split as batches of (visual, audio, labels) float tensors on `device`."""
 
     def __init__(self, fs: FeatureSet, name: str, rows: np.ndarray, device: torch.device,
-                 memory_budget: int | None = None):
-        self.fs, self.name, self.rows, self.device = fs, name, rows, device
+                 memory_budget: int | None = None, norm: FeatureNorm | None = None):
+        self.fs, self.name, self.rows, self.device, self.norm = fs, name, rows, device, norm
         self.labels = torch.from_numpy(fs.labels[rows]).float()
         per_row = 4 * (np.prod(fs.visual.shape[1:]) + np.prod(fs.audio.shape[1:]))
         budget = available_memory() // 2 if memory_budget is None else memory_budget
@@ -195,6 +244,8 @@ class SplitData:
         if self.in_memory:  # one conversion to float32 now, none per epoch
             self._visual = self._read(fs.visual.path, np.arange(len(rows)))
             self._audio = self._read(fs.audio.path, np.arange(len(rows)))
+            if norm is not None:  # once, not per batch
+                self._visual, self._audio = norm.apply(self._visual, self._audio)
             if device.type == "cuda":
                 self._visual, self._audio = self._visual.to(device), self._audio.to(device)
         self.labels = self.labels.to(device)
@@ -219,6 +270,8 @@ class SplitData:
             v, a = self._visual[idx], self._audio[idx]
         else:
             v, a = self._read(self.fs.visual.path, positions), self._read(self.fs.audio.path, positions)
+            if self.norm is not None:
+                v, a = self.norm.apply(v, a)
         return v.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True), \
             self.labels[torch.from_numpy(positions).to(self.device)]
 

@@ -45,3 +45,19 @@ def load_torch_file(path: Path, what: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and torch errors all mean "not a checkpoint we can read"
         raise UserError(f"{path}: not a readable PyTorch {what} ({str(e).splitlines()[0][:160]})") from None
+
+
+def worker_context(workers: int):
+    """Multiprocessing context for DataLoader workers: a fork server, not a fork of this process.
+
+    Under Prefect the process has an event-loop thread and log handlers; a worker forked from it can die at exit
+    (seen: "DataLoader worker exited unexpectedly with exit code 1" in the fine-tuning stage). The fork server is
+    a clean process that imports torch and the decoders once, so each worker still starts in milliseconds.
+    """
+    if workers == 0:
+        return None
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "numpy", "decord", "av", "pipeline.media"])
+    return ctx

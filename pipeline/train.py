@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from models import CACEConfig, CACENet, cace_loss, derive_targets, load_reference_state_dict, predict
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
-from pipeline.features import FeatureSet, SplitData
+from pipeline.features import FeatureNorm, FeatureSet, SplitData, channel_stats
 from pipeline.metrics import localization_metrics, segment_accuracy
 from pipeline.runtime import autocast, load_torch_file, resolve_device, seed_everything
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
@@ -55,6 +55,9 @@ class TrainConfig(StrictModel):
     amp: bool = True  # bf16 autocast, CUDA only
     device: str = "auto"
     memory_budget_gb: float | None = None  # None: half the free RAM
+    # Per-channel z-scores of the inputs, statistics from the train split (saved in the checkpoint). Off in the
+    # reference; needed for randomly initialised encoders, whose raw outputs are nearly constant in scale.
+    standardize_features: bool = False
     model: dict[str, Any] = {}  # CACEConfig overrides: guide, psi, lam, alpha, ... (dims come from the features)
 
     @field_validator("model")
@@ -195,9 +198,10 @@ def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoch
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None
-    splits = {"train": fs.split("train", device, budget), "test": fs.split("test", device, budget)}
+    norm = channel_stats(fs, fs.rows("train")) if cfg.standardize_features else None
+    splits = {"train": fs.split("train", device, budget, norm), "test": fs.split("test", device, budget, norm)}
     if cfg.select_on == "val" or "val" in fs.splits:
-        splits["val"] = fs.split("val", device, budget)
+        splits["val"] = fs.split("val", device, budget, norm)
     if len(splits["train"]) == 0:
         raise UserError("the train split is empty")
     if cfg.select_on == "val" and len(splits["val"]) == 0:
@@ -223,6 +227,7 @@ def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoch
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
 
     info = {"seed": cfg.seed, "train_config": dump_config(cfg), "features": fs.digests,
+            "feature_norm": norm.to_dict() if norm is not None else None,
             "classes": fs.class_names, "encoders": {"visual": _public_attrs(fs.visual.attrs),
                                                     "audio": _public_attrs(fs.audio.attrs)}}
     train = splits["train"]
@@ -300,7 +305,21 @@ def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoch
         "notes": fs.notes,
     }
     write_json_atomic(out_dir / "metrics.json", summary)
+    _pictures("training_curves_png", out_dir / "metrics.csv", out_dir / "curves.png")
     return summary
+
+
+def _pictures(name: str, *args: Any) -> None:
+    """Call pipeline.plots.<name>(*args). Pictures are a by-product: a plotting problem is a warning, never a failed
+    (finished) training or evaluation. Imported here: matplotlib costs nothing to those who never plot."""
+    try:
+        from pipeline import plots
+
+        getattr(plots, name)(*args)
+    except Exception as e:  # noqa: BLE001  (matplotlib can raise many types)
+        import warnings
+
+        warnings.warn(f"could not draw a picture: {type(e).__name__}: {e}", stacklevel=2)
 
 
 def _public_attrs(attrs: dict) -> dict:
@@ -335,6 +354,8 @@ def train_stage(fs: FeatureSet, cfg: TrainConfig, root: Path, *, force: bool = F
     for name, rel in (("best", "best.pt"), ("last", "last.pt"), ("metrics_csv", "metrics.csv"),
                       ("metrics", "metrics.json"), ("predictions_test", "predictions_test.csv")):
         run.add_output(name, rel, sha256=rel.endswith(".pt"))
+    if (run.dir / "curves.png").is_file():
+        run.add_output("curves", "curves.png")
     run.manifest.metrics = {k: v for k, v in summary.items() if k not in ("test", "notes")}
     run.manifest.timings.update(train_s_per_epoch=summary["train_s_per_epoch"],
                                 eval_s_per_pass=summary["eval_s_per_pass"])
@@ -360,7 +381,7 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
     model, info = load_model(checkpoint, bece)
     check_compatible(model, fs, checkpoint)
     model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
-    data = fs.split(split, dev)
+    data = fs.split(split, dev, norm=FeatureNorm.from_dict(info.get("feature_norm")))
     t0 = time.perf_counter()
     p = infer(model, data, batch_size)
     metrics = localization_metrics(p.labels, p.targets, fs.num_classes, fs.class_names)
@@ -369,6 +390,7 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
     if out_dir is not None:
         write_predictions(Path(out_dir) / f"predictions_{split}.csv", fs, data.rows, p)
         write_json_atomic(Path(out_dir) / f"metrics_{split}.json", metrics)
+        _pictures("evaluation_pictures", metrics, Path(out_dir), split)
     return metrics
 
 
@@ -388,6 +410,10 @@ def evaluate_stage(checkpoint: Path, fs: FeatureSet, root: Path, split: str = "t
         raise
     run.add_output("metrics", f"metrics_{split}.json")
     run.add_output("predictions", f"predictions_{split}.csv")
+    for name, rel in (("confusion", f"confusion_{split}.png"), ("per_class", f"per_class_{split}.png"),
+                      ("report", f"report_{split}.md")):
+        if (run.dir / rel).is_file():
+            run.add_output(name, rel)
     run.manifest.metrics = {k: metrics[k] for k in ("accuracy", "correct_segments", "segments",
                                                     "all_background_accuracy", "event", "background")}
     run.manifest.warnings = list(fs.notes)

@@ -128,3 +128,19 @@ def test_evaluate_cli_loads_a_reference_format_checkpoint(tmp_path):
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy: ") and last.endswith(" %")
+
+
+def test_standardized_features_travel_in_the_checkpoint(tmp_path):
+    """Tiny-scale, offset features (as random encoders give): z-scored with train statistics saved in best.pt."""
+    folder = write_feature_folder(tmp_path / "f", seed=2)
+    for name in ("visual_feature.h5", "audio_feature.h5"):
+        with h5py.File(folder / name, "r+") as f:
+            f["avadataset"][...] = f["avadataset"][()] * 1e-3 + 5.0
+    fs = from_public_folder(folder)
+    result = train_stage(fs, tiny_cfg(epochs=3, standardize_features=True), tmp_path / "root")
+    ckpt = torch.load(result.dir / "best.pt", weights_only=True)
+    norm = ckpt["feature_norm"]
+    assert norm["visual_mean"].shape == (12,) and norm["audio_std"].shape == (6,)
+    assert torch.allclose(norm["visual_mean"], torch.full((12,), 5.0), atol=0.01)
+    again = evaluate(result.dir / "best.pt", fs, "test", device="cpu")
+    assert again["accuracy"] == result.metrics["test_accuracy"]

@@ -1,0 +1,52 @@
+"""Feature extractors behind one interface (`extractors.base.Extractor`), found by name in a small registry.
+
+    >>> from extractors import create_extractor, list_extractors
+    >>> list_extractors()
+    ['cnn14', 'resnet50']
+    >>> enc = create_extractor("resnet50", random_init=True, frames_per_segment=2)  # doctest: +SKIP
+
+Built-in modules are imported only when their extractor is created (importing panns-inference has side effects,
+see extractors/cnn14.py). Other extractors (e.g. tiny ones in tests) join with `register_extractor`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from extractors.base import Extractor
+
+_BUILTIN = {"resnet50": "extractors.resnet50:ResNet50Extractor", "cnn14": "extractors.cnn14:Cnn14Extractor"}
+_REGISTERED: dict[str, type[Extractor]] = {}
+
+
+def register_extractor(cls: type[Extractor]) -> type[Extractor]:
+    """Class decorator: make `cls` available as `create_extractor(cls.name)`."""
+    if not getattr(cls, "name", None):
+        raise ValueError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    _REGISTERED[cls.name] = cls
+    return cls
+
+
+def list_extractors(modality: str | None = None) -> list[str]:
+    names = sorted(set(_BUILTIN) | set(_REGISTERED))
+    if modality is None:
+        return names
+    return [n for n in names if get_extractor_class(n).modality == modality]
+
+
+def get_extractor_class(name: str) -> type[Extractor]:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _BUILTIN:
+        module, attr = _BUILTIN[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    raise ValueError(f"unknown extractor {name!r}; known: {', '.join(list_extractors())}")
+
+
+def create_extractor(name: str, **kwargs) -> Extractor:
+    """Build extractor `name`; kwargs go to its constructor (weights, random_init, seed, device, autocast, and
+    for visual ones frames_per_segment)."""
+    return get_extractor_class(name)(**kwargs)
+
+
+__all__ = ["Extractor", "create_extractor", "get_extractor_class", "list_extractors", "register_extractor"]

@@ -1,0 +1,78 @@
+"""The full-pipeline config: one YAML file with a section per stage (what `avel run --config` reads).
+
+    root: artifacts
+    dataset: {path: /data/AVE}              # or {synth: {videos: 24, classes: 4}} to generate one under root
+    extract: {frames_per_segment: 16, resnet_weights: ..., cnn14_weights: ...}
+    finetune: {epochs: 50, trainable_stages: all}
+    train: {epochs: 200}
+
+Stage order and what depends on what (used by `--force STAGE`):
+    extract_audio ─┬─> finetune ─> extract_visual (fine-tuned) ─┬─> train ─> evaluate
+                   └────────────────────────────────────────────┘
+    extract_visual (initial encoder) ─> [train_baseline, when `baseline: true`]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+
+from pipeline.config import StrictModel
+from pipeline.extract import ExtractConfig
+from pipeline.finetune import FinetuneConfig
+from pipeline.train import TrainConfig
+
+STAGES = ("extract_audio", "extract_visual", "finetune", "train", "evaluate")
+DOWNSTREAM = {  # forcing a stage recomputes it and everything that reads its output
+    "extract_audio": {"extract_audio", "finetune", "extract_visual", "train", "evaluate"},
+    "extract_visual": {"extract_visual", "train", "evaluate"},
+    "finetune": {"finetune", "extract_visual", "train", "evaluate"},
+    "train": {"train", "evaluate"},
+    "evaluate": {"evaluate"},
+}
+
+
+class SynthSection(StrictModel):
+    videos: int = 24
+    classes: int = 4
+    seed: int = 0
+    fps: int = 25
+    width: int = 320
+    height: int = 240
+
+
+class DatasetSection(StrictModel):
+    path: Path | None = None  # an AVE-format dataset folder
+    synth: SynthSection | None = None  # or generate one under <root>/datasets/
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.synth is None):
+            raise ValueError("give exactly one of dataset.path (an AVE-format folder) or dataset.synth (generate one)")
+        return self
+
+
+class PipelineConfig(StrictModel):
+    root: Path = Path("artifacts")
+    dataset: DatasetSection
+    extract: ExtractConfig = ExtractConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    skip_finetune: bool = False  # train on the initial encoder's features (paper: 81.56 % vs 82.36 % fine-tuned)
+    baseline: bool = False  # also train on the initial features, to measure what fine-tuning changed
+    train: TrainConfig = TrainConfig()
+    evaluate_split: Literal["val", "test"] = "test"
+
+
+def forced_stages(force: list[str] | tuple[str, ...]) -> set[str]:
+    unknown = [s for s in force if s not in DOWNSTREAM]
+    if unknown:
+        from pipeline.errors import UserError
+
+        raise UserError(f"unknown stage(s) {unknown} for --force; stages: {', '.join(STAGES)}")
+    return set().union(*(DOWNSTREAM[s] for s in force)) if force else set()
+
+
+def demo_config_path() -> Path:
+    return Path(__file__).with_name("demo.yaml")
