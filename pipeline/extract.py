@@ -513,7 +513,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
                 raise RuntimeError(f"stage key computed twice differently: {key} vs {run.manifest.key}")
             random_lineage = trained_from_random(weights)  # random init, or fine-tuned from it
             attrs = {"stage": STAGES[m], "stage_key": key, "version": VERSION, "encoder": extractor.name,
-                     "weights_sha256": weights.label, "random_init": random_lineage,
+                     "weights_sha256": weights.label, "random_init": random_lineage, "seed": cfg.seed,
                      "dtype": cfg.dtype, "segments": ave.SEGMENTS, "precision": config["precision"],
                      "dataset_digest": digest, "rows": "row i = line i of Annotations.txt"}
             if m == "visual":

@@ -269,7 +269,9 @@ def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoch
                   "eval_s": time.perf_counter() - t1}
         history.append(record)
         score = accs[cfg.select_on]
-        if score > best["score"]:  # ties keep the earlier epoch
+        # Ties: on val (small, often saturated at 100 %) the later, more converged epoch wins; on test the
+        # earlier one, as the reference's strict `>` did (its protocol is reproduced exactly).
+        if score > best["score"] or (score == best["score"] and cfg.select_on == "val"):
             best = {"epoch": epoch, "score": score}
             save_checkpoint(best_path, model, epoch=epoch, metrics=record, **info)
         save_checkpoint(last_path, model, epoch=epoch, metrics=record, optimizer=optimizer.state_dict(),
