@@ -326,10 +326,11 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.config import load_config
-    from pipeline.finetune import FinetuneConfig, finetune_stage, newest_audio_features
+    from pipeline.features import newest_extraction
+    from pipeline.finetune import FinetuneConfig, finetune_stage
 
     cfg = load_config(FinetuneConfig, config, list(set_), section="finetune")
-    audio_h5 = audio if audio is not None else newest_audio_features(root, dataset)
+    audio_h5 = audio if audio is not None else newest_extraction(root, dataset, "audio")
     if random_init:
         console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init starts from a randomly initialised "
                             "ResNet-50. The weights are for testing the pipeline only; the outputs are marked so.",

@@ -286,17 +286,21 @@ def _read_rows(d: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.empty((0, *d.shape[1:]), np.float32)
 
 
-def newest_store_features(root: Path, dataset_dir: Path) -> FeatureSet:
-    """The newest complete visual and audio extraction of this dataset in the store (what `avel extract` wrote)."""
+def newest_extraction(root: Path, dataset_dir: Path, modality: str) -> Path:
+    """The feature file of the newest complete `extract_<modality>` run of this dataset in the store."""
     from pipeline.store import ArtifactStore
 
     store, digest = ArtifactStore(root), ave.load_dataset(dataset_dir).digest()
-    found = {}
-    for modality in ("visual", "audio"):
-        done = [m for m in store.list(f"extract_{modality}") if m.status == "complete"
-                and m.inputs.get("dataset") == digest]
-        if not done:
-            raise UserError(f"no complete {modality} extraction of {dataset_dir} under {root}; run "
-                            f"`avel extract --dataset {dataset_dir} --root {root}` first, or pass --visual/--audio")
-        found[modality] = store.path(done[0].stage, done[0].key) / done[0].outputs[modality].path
-    return from_dataset(dataset_dir, found["visual"], found["audio"])
+    done = [m for m in store.list(f"extract_{modality}") if m.status == "complete"
+            and m.inputs.get("dataset") == digest and modality in m.outputs]
+    if not done:
+        raise UserError(f"no complete {modality} extraction of {dataset_dir} under {root}; run "
+                        f"`avel extract --dataset {dataset_dir} --root {root} --modality {modality}` first, or "
+                        f"pass the feature file (--{modality})")
+    return store.path(done[0].stage, done[0].key) / done[0].outputs[modality].path
+
+
+def newest_store_features(root: Path, dataset_dir: Path) -> FeatureSet:
+    """The newest complete visual and audio extraction of this dataset in the store (what `avel extract` wrote)."""
+    return from_dataset(dataset_dir, newest_extraction(root, dataset_dir, "visual"),
+                        newest_extraction(root, dataset_dir, "audio"))

@@ -618,17 +618,3 @@ def reextract_visual(dataset_dir: Path, result: FinetuneResult, root: Path, extr
     cfg = (extract_cfg or ExtractConfig()).model_copy(update={"resnet_weights": result.weights,
                                                               "random_init": False, "modality": "visual"})
     return extract_visual(dataset_dir, cfg, root, **kwargs)
-
-
-def newest_audio_features(root: Path, dataset_dir: Path) -> Path:
-    """The audio.h5 of the newest complete `extract_audio` run of this dataset in the store."""
-    store, digest = ArtifactStore(root), ave.load_dataset(dataset_dir).digest()
-    done = [m for m in store.list("extract_audio") if m.status == "complete" and m.inputs.get("dataset") == digest]
-    if not done:
-        raise UserError(f"no complete audio extraction of {dataset_dir} under {root}; run `avel extract --dataset "
-                        f"{dataset_dir} --root {root} --modality audio` first, or pass --audio FILE")
-    m = done[0]
-    out = m.outputs.get("audio") or next((o for o in m.outputs.values() if o.path.endswith(".h5")), None)
-    if out is None:
-        raise UserError(f"{store.path(m.stage, m.key)}: the audio extraction lists no .h5 output")
-    return store.path(m.stage, m.key) / out.path
