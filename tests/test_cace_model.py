@@ -285,3 +285,16 @@ def test_info_nce():
     assert info_nce_loss(same, same, temperature=0.2).item() == pytest.approx(math.log(5))
     with pytest.raises(ValueError):
         info_nce_loss(torch.ones(3, 4), torch.ones(2, 4))
+
+
+def test_supcon_floor_is_mean_log_positive_count():
+    """Perfectly separated embeddings reach the formula's floor, mean_i log|K(i)|, not zero."""
+    from models.losses import supervised_contrastive_loss
+
+    is_event = torch.tensor([[1.0] * 7 + [0.0] * 3])
+    # events share one direction; each background segment has its own, orthogonal to everything else
+    basis = torch.eye(16, dtype=torch.float64)
+    q = torch.stack([basis[0] if e else basis[1 + t] for t, e in enumerate(is_event[0].tolist())])[None]
+    loss = supervised_contrastive_loss(q, q.clone(), is_event.double(), temperature=0.01)
+    floor = (2 * 7 * math.log(2 * 7 - 1)) / 20  # 14 event samples with |K| = 13, background |K| = 1
+    assert loss.item() == pytest.approx(floor, abs=1e-6)
