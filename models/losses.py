@@ -109,15 +109,17 @@ def cace_loss(outputs: Any, labels: Tensor, *, contrastive: bool = False,
     return total, terms
 
 
-def info_nce_loss(a: Tensor, b: Tensor, temperature: float = 0.2) -> Tensor:
+def info_nce_loss(a: Tensor, b: Tensor, temperature: float | Tensor = 0.2) -> Tensor:
     """Symmetric InfoNCE between paired embeddings a [B, d] and b [B, d] (row i of a matches
     row i of b; the other rows are negatives): (CE(L, arange) + CE(L^T, arange)) / 2 with
-    L = norm(a) norm(b)^T / temperature.  The temperature is fixed (0.2 in the reference)."""
+    L = norm(a) norm(b)^T / temperature.  The reference's temperature is a fixed 0.2; a scalar
+    tensor (a learnable temperature) passes its gradient through."""
     if a.dim() != 2 or a.shape != b.shape:
         raise ValueError(f"a and b must both be [B, d], got {tuple(a.shape)} and "
                          f"{tuple(b.shape)}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    value = float(temperature.detach()) if isinstance(temperature, Tensor) else temperature
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be positive, got {value}")
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
     target = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -403,14 +403,8 @@ def _optimizer(model: AudioVisualContrastive, cfg: FinetuneConfig) -> torch.opti
 
 
 def pair_loss(v: torch.Tensor, a: torch.Tensor, logit_scale: torch.Tensor, cfg: FinetuneConfig) -> torch.Tensor:
-    """Symmetric InfoNCE over the batch. A fixed temperature goes through `info_nce_loss` (which takes a number); a
-    learnable one needs the gradient through the logit scale, so the same two cross-entropies are written out."""
-    if not cfg.learnable_temperature:
-        return info_nce_loss(v, a, temperature=cfg.temperature)
-    logits = logit_scale * (v @ a.T)  # v, a are L2-normalised by the heads
-    target = torch.arange(v.shape[0], device=v.device)
-    return (torch.nn.functional.cross_entropy(logits, target) +
-            torch.nn.functional.cross_entropy(logits.T, target)) / 2
+    """Symmetric InfoNCE over the batch; a learnable temperature (1 / logit_scale) keeps its gradient."""
+    return info_nce_loss(v, a, temperature=1.0 / logit_scale if cfg.learnable_temperature else cfg.temperature)
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
