@@ -257,7 +257,7 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
                                                               help="Exit non-zero if more rows than this fail."),
             config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `extract:` "
                                                                          "section)."),
-            set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set visual_batch_frames=64."),
+            set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set threads=2."),
             force: bool = typer.Option(False, help="Recompute even if these features exist.")):
     """Extract ResNet-50 and Cnn14 features (visual.h5, audio.h5 in the AVE layout); resumes an interrupted run."""
     from rich.panel import Panel

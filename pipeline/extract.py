@@ -3,7 +3,7 @@
 Two stages in the store, `extract_visual` and `extract_audio`, so a fine-tuned visual encoder changes only the
 visual key (the audio features are reused untouched). A stage's key digests the dataset (`AVEDataset.digest()`),
 the weights (the file's sha256, or `random-init:<seed>`) and the config fields that change the numbers (encoder,
-frames per segment, dtype, fp32 vs bf16 autocast); batch sizes, workers and the device do not enter it.
+frames per segment, dtype, fp32 vs bf16 autocast); workers, threads and the device do not enter it.
 
 Output (what the public CACE-Net / AVE code reads unchanged): dataset `avadataset`, row i = Annotations.txt line i,
 chunked by row, float32 (or float16). Beside it: `valid` [N] bool (False for rows whose video failed; their
@@ -14,10 +14,14 @@ How it runs:
 - Unique videos go through a torch DataLoader (`workers` processes from a fork server decode while the encoder
   runs, replaced every WORKER_VIDEOS videos); each video is decoded once for all its rows and, with
   `modality="both"`, once for both encoders.
-- Each video is prepared on the device (resize/crop for frames), then its units (frames or 1-s chunks) join a
-  queue that is encoded in full batches across videos; features are written to disk as soon as a video is
-  complete, so memory does not grow with the number of videos (measured: peak RSS 2.09 GB for 10 videos, 2.22 GB
-  for 100, both encoders on a CPU; `release_memory` keeps glibc from holding freed per-video buffers).
+- Each video is prepared on the device (resize/crop for frames) and encoded on its own: one forward of exactly its
+  S x units_per_segment units (AVE: 10 x 16 frames, 10 one-second chunks), never mixed with another video's.
+  The CPU's kernels round differently for different batch shapes (and fp32 convolutions for different thread
+  counts), so a video's features would otherwise depend on its neighbours in the batch, the number of decoding
+  workers and where a run was cut off. With one fixed shape per video and the thread count pinned (`threads`,
+  recorded in the file; a resumed run takes the recorded one), the bytes of a row depend only on its video, the
+  weights, the precision and that thread count. Features are written as soon as a video is done, so memory does
+  not grow with the number of videos (`release_memory` keeps glibc from holding freed per-video buffers).
 - Resumable: the features go into `.visual.h5.partial` whose chunks are all allocated when it is created (no HDF5
   metadata changes afterwards, so a kill cannot corrupt its structure); after a video's rows are written and
   flushed, its rows are marked in `done` and flushed again. A per-video record is appended to `items.jsonl` before
@@ -48,7 +52,7 @@ from pydantic import Field
 from pipeline import ave, media
 from pipeline.config import StrictModel
 from pipeline.errors import UserError
-from pipeline.runtime import resolve_device, worker_context
+from pipeline.runtime import default_threads, pinned_threads, resolve_device, worker_context
 from pipeline.store import ArtifactStore, Manifest, StageRun, stage_key
 
 log = logging.getLogger(__name__)
@@ -79,8 +83,8 @@ class ExtractConfig(StrictModel):
     dtype: Literal["float32", "float16"] = "float32"
     device: str = "auto"
     autocast: bool = Field(True, description="bf16 autocast; applies on CUDA only (on CPU it is slower)")
-    visual_batch_frames: int = Field(128, ge=1, description="frames per ResNet-50 forward (rounded to whole segments)")
-    audio_batch_segments: int = Field(64, ge=1, description="1-s chunks per Cnn14 forward")
+    threads: int = Field(0, ge=0, description="CPU threads of the encoders' forward (0: torch's default, the "
+                                              "machine's cores); a resumed run uses the one its partial file records")
     workers: int = Field(2, ge=0, description="decoding processes (0: decode in the main process)")
     decode_threads: int = Field(0, ge=0, description="threads per decoder (0: the decoder's default)")
     max_failure_share: float = Field(0.01, ge=0.0, le=1.0,
@@ -189,10 +193,8 @@ class _Sink:
         self.dtype = np.dtype(cfg.dtype)
         self.rows_of = ds.rows_by_video()
         self.ups = extractor.units_per_segment
-        batch = cfg.visual_batch_frames if modality == "visual" else cfg.audio_batch_segments * self.ups
-        self.batch_units = max(self.ups, batch // self.ups * self.ups)  # whole segments per forward
-        self.queue: list[dict] = []  # videos prepared, waiting for (the rest of) their forward
-        self.queued_units = 0
+        self.forward_units = ave.SEGMENTS * self.ups  # one video per forward, always this shape
+        self.threads = int(attrs["torch_threads"])  # a resumed partial file may replace it (open)
         self.f: h5py.File | None = None
         self.done = np.zeros(self.n, bool)
         self.items: dict[str, dict] = {}
@@ -214,6 +216,12 @@ class _Sink:
             self._create_partial()
         self.f = h5py.File(self.partial, "r+")
         self.done = np.asarray(self.f["done"][()], bool)
+        recorded = int(self.f.attrs.get("torch_threads", self.threads))
+        if recorded != self.threads:  # every row of one file is computed with one thread count
+            if self.done.any():
+                self.run.manifest.warnings.append(
+                    f"resumed with {recorded} CPU threads as the partial file was started (asked: {self.threads})")
+            self.threads = recorded
         self._read_items_log()
         self._log_file = open(self.items_log, "a", encoding="utf-8")
 
@@ -270,6 +278,7 @@ class _Sink:
 
     # -- adding videos, batching, writing -------------------------------------------------------------------------
     def add(self, video_id: str, raw, info: dict, error: str | None) -> None:
+        """Prepare and encode one video, then write its rows."""
         if error is not None or raw is None:
             self.write(video_id, None, info, error or "nothing decoded")
             return
@@ -279,45 +288,18 @@ class _Sink:
         except Exception as e:  # e.g. a frame size the resize cannot take: this video fails, others go on
             self.write(video_id, None, info, f"prepare failed: {media._short(e)}")
             return
-        self.stats["prepare_s"] += time.perf_counter() - t0
-        self.queue.append({"video": video_id, "units": units, "offset": 0, "outputs": [], "info": info})
-        self.queued_units += units.shape[0]
-        while self.queued_units >= self.batch_units:
-            self._encode_batch(self.batch_units)
-
-    def flush(self) -> None:
-        while self.queued_units:
-            self._encode_batch(min(self.batch_units, self.queued_units))
-
-    def _encode_batch(self, size: int) -> None:
-        """Encode the first `size` queued units (spanning videos), hand each video its segments, write finished
-        videos."""
-        parts, owners, left = [], [], size
-        for entry in self.queue:
-            if left == 0:
-                break
-            avail = entry["units"].shape[0] - entry["offset"]
-            take = min(avail, left)
-            if take:
-                parts.append(entry["units"][entry["offset"]:entry["offset"] + take])
-                owners.append((entry, take // self.ups))
-                entry["offset"] += take
-                left -= take
-        batch = parts[0] if len(parts) == 1 else torch.cat(parts)
-        t0 = time.perf_counter()
-        feats = self.extractor.encode(batch)
-        self.stats["encode_s"] += time.perf_counter() - t0
-        self.stats["units"] += batch.shape[0]
-        self.queued_units -= batch.shape[0]
-        pos = 0
-        for entry, segs in owners:
-            entry["outputs"].append(feats[pos:pos + segs])
-            pos += segs
-        while self.queue and self.queue[0]["offset"] == self.queue[0]["units"].shape[0]:
-            entry = self.queue.pop(0)
-            out = torch.cat(entry["outputs"]) if len(entry["outputs"]) > 1 else entry["outputs"][0]
-            self.write(entry["video"], out.numpy(), entry["info"], None)
-        del batch, feats, parts, owners
+        if units.shape[0] != self.forward_units:  # the length rule makes every video S segments
+            raise RuntimeError(f"{self.extractor.name} prepared {units.shape[0]} units for {video_id}, expected "
+                               f"{self.forward_units}")
+        t1 = time.perf_counter()
+        self.stats["prepare_s"] += t1 - t0
+        with pinned_threads(self.threads):
+            feats = self.extractor.encode(units)
+        self.stats["encode_s"] += time.perf_counter() - t1
+        self.stats["units"] += units.shape[0]
+        del units
+        self.write(video_id, feats.numpy(), info, None)
+        del feats
         release_memory()
 
     def write(self, video_id: str, feats: np.ndarray | None, info: dict, error: str | None) -> None:
@@ -515,15 +497,14 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
             attrs = {"stage": STAGES[m], "stage_key": key, "version": VERSION, "encoder": extractor.name,
                      "weights_sha256": weights.label, "random_init": random_lineage, "seed": cfg.seed,
                      "dtype": cfg.dtype, "segments": ave.SEGMENTS, "precision": config["precision"],
-                     "dataset_digest": digest, "rows": "row i = line i of Annotations.txt"}
+                     "dataset_digest": digest, "rows": "row i = line i of Annotations.txt",
+                     "torch_threads": cfg.threads or default_threads()}
             if m == "visual":
                 attrs["frames_per_segment"] = cfg.frames_per_segment
             else:
                 attrs["sample_rate"] = media.SAMPLE_RATE
             run.manifest.metrics["encoder"] = extractor.describe()
             run.manifest.metrics["run"] = {"device": str(device), "workers": cfg.workers,
-                                           "visual_batch_frames": cfg.visual_batch_frames,
-                                           "audio_batch_segments": cfg.audio_batch_segments,
                                            "max_failure_share": cfg.max_failure_share}
             if random_lineage:
                 warning = RANDOM_WARNING.format(modality=m, encoder=extractor.name)
@@ -534,6 +515,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
             sink = _Sink(m, extractor, run, ds, cfg, attrs)
             sinks[m] = sink
             sink.open()
+            run.manifest.metrics["run"]["torch_threads"] = sink.threads
             run.save()
 
         if sinks:
@@ -602,7 +584,6 @@ def _run_sinks(ds: ave.AVEDataset, cfg: ExtractConfig, device: torch.device, sin
             progress(i + 1, total, jobs[i][0])
         t0 = time.perf_counter()
     for sink in sinks.values():
-        sink.flush()
         sink.stats["decode_wait_s"] = wait
         sink.stats["decode_s"] = decode
         sink.stats["decode_cpu_s"] = decode_cpu

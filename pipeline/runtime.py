@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds CUDA too
+
+
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at import (the machine's cores), before any pinning
+
+
+def default_threads() -> int:
+    return _DEFAULT_THREADS
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int):
+    """Run the block with exactly `n` intra-op CPU threads (restored after). fp32 convolutions on the CPU give
+    different bits for different thread counts (measured: ResNet-50, 1 vs 2 threads), so a stage that promises
+    byte-identical output pins the count and records it."""
+    before = torch.get_num_threads()
+    if n and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def autocast(device: torch.device, enabled: bool = True):

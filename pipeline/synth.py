@@ -17,8 +17,9 @@ Why the content is built as it is:
   four octaves) and also differ in harmonic content and amplitude rhythm.
 - Event lengths vary like AVE's (about half the rows are fully event, the rest 1-9 s at any start).
 - Everything random comes from `numpy.random.default_rng` seeded from the config seed (per video, from
-  (seed, video index)), x264 runs single-threaded, and no timestamps are written: the same seed gives the same
-  files byte for byte on the same library versions (tests check the decoded frames and audio).
+  (seed, video index)); frames are converted to YUV in numpy, x264 runs single-threaded on its plain C code
+  (X264_PARAMS says why), and no timestamps are written: the same seed gives the same files byte for byte on the same
+  library versions, whatever the number of rendering threads or syntheses running at the same time (tested).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -46,7 +47,7 @@ from pipeline.errors import UserError
 log = logging.getLogger(__name__)
 
 GENERATOR = "avel.synth"
-GENERATOR_VERSION = 1  # bump when the content for a given seed changes
+GENERATOR_VERSION = 2  # bump when the content for a given seed changes
 SEGMENTS = 10  # AVE videos are 10 s, one label per 1-s segment
 SPLITS = ("train", "val", "test")
 MARKER = "synth.json"  # written last; its presence (with "generator": GENERATOR) marks a finished synth output
@@ -68,7 +69,16 @@ BACKGROUND_KINDS = (VISUAL_ONLY, AUDIO_ONLY, MISMATCH, EMPTY)
 FULL_EVENT_PROB = 0.5  # AVE: 66 % of rows are fully event; a little less here so background is learnable
 ID_ALPHABET = string.ascii_letters + string.digits + "-_"
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
-X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
+X264_OPTIONS = {"preset": "ultrafast", "crf": "23"}
+# x264 made byte-deterministic, each part measured (same frames, same options, fresh or reused process):
+# - its threading spelled out: frame, lookahead and sliced threads each can make the bitstream depend on timing;
+# - asm=0, x264's plain C code paths: with its SIMD code, one encoder thread and identical input still gave a
+#   different bitstream in ~1 of 100 encodes in fresh processes and in most videos over 25 repeats in one process
+#   (consistent with reads past a buffer's end, whose contents vary); with asm=0, 0 of 160 repeats differed.
+#   Concurrent encoders in one process differed more often still with SIMD, and not at all without it.
+# - preset ultrafast: the C paths cost ~3x, ultrafast brings a 10-s 320x240 video back to ~0.45 CPU-s
+#   (quality is irrelevant here: the content is flat colours and tones).
+X264_PARAMS = "threads=1:lookahead-threads=1:sliced-threads=0:asm=0"
 
 
 # ---- configuration ----------------------------------------------------------------------------------------------
@@ -545,10 +555,19 @@ def write_video(path: Path, visual: Sequence[int | None], audio: Sequence[int | 
     sprites = {k: _sprite(int(k), size) for k in set(visual) if k is not None}
 
     samples = render_audio(audio, seed=seed, sample_rate=sample_rate) if audio is not None else None
+    frames = []
+    for i in range(len(visual) * fps):
+        img = scene.frame(i)
+        k = visual[i // fps]
+        if k is not None:
+            rgb, mask = sprites[k]
+            x, y = motion.at(i)
+            np.copyto(img[y:y + size, x:x + size], rgb, where=mask)
+        frames.append(rgb_to_yuv420(img))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
-            vs = container.add_stream("libx264", rate=fps, options=dict(X264_OPTIONS))
+            vs = container.add_stream("libx264", rate=fps, options={**X264_OPTIONS, "x264-params": X264_PARAMS})
             vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
             vs.codec_context.thread_count = 1  # x264's output depends on its thread count: fix it
             vs.codec_context.time_base = Fraction(1, fps)
@@ -568,14 +587,8 @@ def write_video(path: Path, visual: Sequence[int | None], audio: Sequence[int | 
                     container.mux(aud.encode(frame))
                     audio_pos += chunk
 
-            for i in range(len(visual) * fps):
-                img = scene.frame(i)
-                k = visual[i // fps]
-                if k is not None:
-                    rgb, mask = sprites[k]
-                    x, y = motion.at(i)
-                    np.copyto(img[y:y + size, x:x + size], rgb, where=mask)
-                frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            for i, yuv in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
                 frame.pts = i
                 container.mux(vs.encode(frame))
                 if (i + 1) % fps == 0:
@@ -588,6 +601,23 @@ def write_video(path: Path, visual: Sequence[int | None], audio: Sequence[int | 
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def rgb_to_yuv420(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB [H,W,3] (H, W even) -> the planar yuv420p layout PyAV takes ([H*3/2, W]: Y, then U, then V).
+
+    BT.601 limited range in integer arithmetic, chroma from the mean of each 2x2 block: FFmpeg's swscale is not
+    involved, so no SIMD path or thread of its own can reach the bitstream."""
+    h, w, _ = rgb.shape
+    x = rgb.astype(np.int32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    q = x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]  # 2x2 sums: 4 x the block mean
+    r, g, b = q[..., 0], q[..., 1], q[..., 2]
+    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128
+    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
+    return np.concatenate([y.astype(np.uint8).ravel(), u.astype(np.uint8).ravel(),
+                           v.astype(np.uint8).ravel()]).reshape(h * 3 // 2, w)
 
 
 # ---- the dataset ------------------------------------------------------------------------------------------------
@@ -645,12 +675,14 @@ def _default_workers(n: int) -> int:
     return max(1, min(cores, n, 8))
 
 
-def generate_dataset(out: Path, cfg: SynthConfig = SynthConfig(), *, workers: int | None = None) -> Path:
+def generate_dataset(out: Path, cfg: SynthConfig = SynthConfig(), *, workers: int | None = None,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
     """Write a synthetic AVE-format dataset into `out` (created; or a previous synth output, replaced) and return it.
 
     Raises UserError (a ValueError) if `out` is a non-empty folder that is not a previous synth output. The dataset
     is built in a hidden sibling folder and swapped in at the end, so an interrupted run leaves the old state.
-    `workers` threads encode videos in parallel (default: one per core); it does not change the output."""
+    `workers` threads render videos in parallel (default: one per core); it does not change the output.
+    `progress(done, total)` is called as videos are written."""
     given, out = Path(out), Path(out).resolve()  # resolved: a symlinked folder is replaced at its target
     _check_target(out)
     plan = plan_dataset(cfg)
@@ -668,12 +700,13 @@ def generate_dataset(out: Path, cfg: SynthConfig = SynthConfig(), *, workers: in
                         width=cfg.width, height=cfg.height, sample_rate=cfg.sample_rate, num_classes=cfg.classes)
 
         n_workers = workers or _default_workers(len(videos))
-        if n_workers <= 1:
-            for r in videos:
-                render(r)
-        else:  # numpy and FFmpeg release the GIL for the heavy parts; threads avoid re-importing in processes
-            with ThreadPoolExecutor(n_workers) as pool:
-                list(pool.map(render, videos))
+        if progress:
+            progress(0, len(videos))
+        # numpy releases the GIL for the heavy parts; threads avoid re-importing in processes
+        with ThreadPoolExecutor(n_workers) as pool:
+            for done, _ in enumerate(pool.map(render, videos), 1):
+                if progress:
+                    progress(done, len(videos))
 
         lines = {r.row: r.line() for r in plan.rows}
         (tmp / "Annotations.txt").write_text("".join(lines[r.row] + "\n" for r in plan.rows), encoding="utf-8")

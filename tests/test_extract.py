@@ -27,6 +27,7 @@ from extractors.weights import WeightsInfo
 from pipeline import extract as ex
 from pipeline import media
 from pipeline.ave import load_dataset
+from pipeline.runtime import pinned_threads
 from pipeline.errors import UserError
 from pipeline.store import file_sha256
 from pipeline.synth import SynthConfig, generate_dataset, write_video
@@ -106,10 +107,9 @@ def small_ds(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def real_run(small_ds, tmp_path_factory):
-    """The real encoders, random init, 1 frame per segment; batches that cut across videos."""
+    """The real encoders, random init, 1 frame per segment."""
     root = tmp_path_factory.mktemp("art")
-    cfg = ex.ExtractConfig(frames_per_segment=1, random_init=True, workers=0, visual_batch_frames=16,
-                           audio_batch_segments=8)
+    cfg = ex.ExtractConfig(frames_per_segment=1, random_init=True, workers=0)
     return root, cfg, ex.extract(small_ds, cfg, root)
 
 
@@ -180,15 +180,15 @@ def test_shapes_rows_and_marks(real_run, small_ds):
 def test_finished_stage_is_reused(real_run, small_ds):
     root, cfg, results = real_run
     t = time.perf_counter()
-    again = ex.extract(small_ds, cfg.model_copy(update={"workers": 3, "visual_batch_frames": 7}), root)
+    again = ex.extract(small_ds, cfg.model_copy(update={"workers": 3, "threads": 1}), root)
     assert time.perf_counter() - t < 5
     for m in ("visual", "audio"):
         assert again[m].reused and again[m].key == results[m].key and again[m].path == results[m].path
     assert ex.planned_keys(small_ds, cfg) == {m: r.key for m, r in results.items()}
 
 
-def test_batched_equals_one_video_at_a_time(real_run, small_ds):
-    """Video 2 was split across two forward passes (16-frame batches of 10-frame videos) in the stage run."""
+def test_stage_rows_equal_one_video_alone(real_run, small_ds):
+    """A row of the stage's file is exactly what the encoder gives for its video alone (one forward per video)."""
     root, cfg, results = real_run
     ds = load_dataset(small_ds)
     vid = ds.video_ids()[1]
@@ -196,10 +196,13 @@ def test_batched_equals_one_video_at_a_time(real_run, small_ds):
     d = media.decode(ds.video_path(vid), frames_per_segment=1)
     visual = create_extractor("resnet50", random_init=True, seed=0, frames_per_segment=1)
     audio = create_extractor("cnn14", random_init=True, seed=0)
-    alone_v = visual.extract(d.frames).numpy()
-    alone_a = audio.extract(d.audio).numpy()
-    np.testing.assert_allclose(read(results["visual"].path)["data"][row], alone_v, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(read(results["audio"].path)["data"][row], alone_a, rtol=1e-5, atol=1e-6)
+    threads = results["visual"].manifest.metrics["run"]["torch_threads"]
+    with pinned_threads(threads):
+        alone_v = visual.extract(d.frames).numpy()
+    with pinned_threads(results["audio"].manifest.metrics["run"]["torch_threads"]):
+        alone_a = audio.extract(d.audio).numpy()
+    assert np.array_equal(read(results["visual"].path)["data"][row], alone_v)
+    assert np.array_equal(read(results["audio"].path)["data"][row], alone_a)
     # and the Cnn14 forward we run is panns' own forward
     with torch.inference_mode():
         ref = audio.model(audio.prepare(d.audio))["embedding"]
@@ -221,42 +224,70 @@ def test_cli_prints_paths_and_random_banner(real_run, small_ds):
 
 
 # ---- the machinery (tiny extractors) ----------------------------------------------------------------------------
-def test_resume_after_interruption_gives_the_same_file(many_ds, tmp_path, monkeypatch):
-    cfg = ex.ExtractConfig(**TINY, visual_batch_frames=6, audio_batch_segments=3)
-    monkeypatch.setattr(ex, "WORKER_VIDEOS", 2)  # 2 decoding processes, replaced every 2 videos
+@pytest.mark.parametrize("workers,stop_at", [(0, 1), (2, 5), (1, 9)])
+def test_resume_after_interruption_gives_the_same_file(many_ds, tmp_path, monkeypatch, workers, stop_at):
+    """Uninterrupted with 2 decoding workers; interrupted after `stop_at` video writes with `workers`, then
+    resumed with yet another worker count: byte-identical files."""
+    cfg = ex.ExtractConfig(**TINY)
+    monkeypatch.setattr(ex, "WORKER_VIDEOS", 2)  # decoding processes replaced every 2 videos
     whole = ex.extract(many_ds, cfg.model_copy(update={"workers": 2}), tmp_path / "a")
 
     real_write, calls = ex._Sink.write, {"n": 0}
 
     def failing_write(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 5:  # mid-run: some videos of each modality written
+        if calls["n"] == stop_at:
             raise KeyboardInterrupt
         return real_write(self, *args, **kwargs)
 
     monkeypatch.setattr(ex._Sink, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        ex.extract(many_ds, cfg, tmp_path / "b")
+        ex.extract(many_ds, cfg.model_copy(update={"workers": workers}), tmp_path / "b")
     monkeypatch.setattr(ex._Sink, "write", real_write)
     for m in ("visual", "audio"):
         d = tmp_path / "b" / ex.STAGES[m] / whole[m].key
         assert not (d / ex.OUTPUT_FILES[m]).exists() and (d / f".{m}.h5.partial").exists()
         assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
-    resumed = ex.extract(many_ds, cfg, tmp_path / "b")
+    resumed = ex.extract(many_ds, cfg.model_copy(update={"workers": 1 - min(workers, 1)}), tmp_path / "b")
     n_videos = len(load_dataset(many_ds).video_ids())
     for m in ("visual", "audio"):
         assert resumed[m].key == whole[m].key and not resumed[m].reused
-        assert 0 < resumed[m].manifest.metrics["videos_this_run"] < n_videos  # only what was missing
+        assert 0 < resumed[m].manifest.metrics["videos_this_run"] <= n_videos  # only what was missing
         a, b = read(whole[m].path), read(resumed[m].path)
         assert np.array_equal(a["data"], b["data"]) and np.array_equal(a["valid"], b["valid"])
         assert a["attrs"] == b["attrs"]
         assert file_sha256(whole[m].path) == file_sha256(resumed[m].path)
         assert set(resumed[m].manifest.items) == set(whole[m].manifest.items)
+    assert resumed["visual"].manifest.metrics["videos_this_run"] < n_videos or stop_at == 1
+
+
+def test_resume_takes_the_thread_count_the_partial_file_recorded(many_ds, tmp_path, monkeypatch):
+    cfg = ex.ExtractConfig(**{**TINY, "modality": "visual"}, threads=1)
+    real_write, calls = ex._Sink.write, {"n": 0}
+
+    def failing_write(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(ex._Sink, "write", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        ex.extract(many_ds, cfg, tmp_path)
+    monkeypatch.setattr(ex._Sink, "write", real_write)
+    seen = []
+    real_encode = TinyVisual.encode
+    monkeypatch.setattr(TinyVisual, "encode", lambda self, u: seen.append(torch.get_num_threads()) or
+                        real_encode(self, u))
+    resumed = ex.extract(many_ds, cfg.model_copy(update={"threads": 2}), tmp_path)["visual"]
+    assert seen and set(seen) == {1}
+    assert read(resumed.path)["attrs"]["torch_threads"] == 1
+    assert any("resumed with 1 CPU threads" in w for w in resumed.manifest.warnings)
 
 
 def test_killed_process_resumes(many_ds, tmp_path):
     """SIGKILL in the middle of a run (no cleanup at all), then a normal run finishes the same file."""
-    cfg = ex.ExtractConfig(**{**TINY, "modality": "visual"}, visual_batch_frames=20)
+    cfg = ex.ExtractConfig(**{**TINY, "modality": "visual"})
     whole = ex.extract(many_ds, cfg, tmp_path / "a")["visual"]
     root = tmp_path / "b"
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_extract as t; "
@@ -393,8 +424,8 @@ def test_resnet_weight_formats_load_and_key_the_stage(small_ds, tmp_path):
     random_key = ex.planned_keys(small_ds, ex.ExtractConfig(modality="visual", random_init=True))["visual"]
     assert random_key not in keys.values()
     fp = ex.planned_keys(small_ds, ex.ExtractConfig(modality="visual", resnet_weights=files["ours"],
-                                                    visual_batch_frames=3, workers=7))["visual"]
-    assert fp == keys["ours"]  # batch sizes and workers do not change the output, nor the key
+                                                    threads=1, workers=7))["visual"]
+    assert fp == keys["ours"]  # threads and workers are not in the key
 
 
 def test_panns_labels_file_is_created_but_never_overwritten(tmp_path):

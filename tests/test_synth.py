@@ -118,8 +118,8 @@ def test_duplicate_rows_share_a_video_and_go_train_to_test(small):
 # ---- determinism ------------------------------------------------------------------------------------------------
 def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
     cfg = SynthConfig(videos=4, classes=2, seed=11, fps=5, width=96, height=64, sample_rate=16000)
-    a = generate_dataset(tmp_path / "a", cfg)
-    b = generate_dataset(tmp_path / "b", cfg)
+    a = generate_dataset(tmp_path / "a", cfg, workers=1)
+    b = generate_dataset(tmp_path / "b", cfg, workers=4)  # several videos rendered and encoded at once
     c = generate_dataset(tmp_path / "c", replace(cfg, seed=12))
     for name in ["Annotations.txt", "synth.json", *(f"{s}Set.txt" for s in SPLITS)]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -133,6 +133,42 @@ def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
         assert np.array_equal(fa, fb) and np.array_equal(aa, ab)
     assert (a / "Annotations.txt").read_text() != (c / "Annotations.txt").read_text()
     assert meta(a)["rows"] != meta(c)["rows"]
+
+
+def test_two_syntheses_at_the_same_time_write_the_same_bytes(tmp_path):
+    """Two processes synthesising one seed at once (each with 3 rendering threads on 2 cores: load and thread
+    interleaving differ between them) write byte-identical videos, equal to a quiet single-threaded run's."""
+    import subprocess
+    import sys
+
+    cfg = dict(videos=6, classes=3, seed=5, fps=5, width=64, height=48, sample_rate=16000)
+    code = ("import sys; from pathlib import Path; from pipeline.synth import SynthConfig, generate_dataset; "
+            f"generate_dataset(Path(sys.argv[1]), SynthConfig(**{cfg!r}), workers=3)")
+    repo = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name)], cwd=repo,
+                              stderr=subprocess.PIPE) for name in ("p1", "p2")]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    quiet = generate_dataset(tmp_path / "quiet", SynthConfig(**cfg), workers=1)
+    names = sorted(p.name for p in (quiet / "videos").iterdir())
+    assert len(names) == 6
+    for name in names:
+        want = (quiet / "videos" / name).read_bytes()
+        assert (tmp_path / "p1" / "videos" / name).read_bytes() == want, name
+        assert (tmp_path / "p2" / "videos" / name).read_bytes() == want, name
+
+
+def test_rgb_to_yuv420_matches_bt601():
+    from pipeline.synth import rgb_to_yuv420
+
+    img = np.zeros((4, 4, 3), np.uint8)
+    img[:2, :2] = (255, 0, 0)  # red block
+    img[2:, 2:] = (255, 255, 255)
+    yuv = rgb_to_yuv420(img)
+    assert yuv.shape == (6, 4)
+    y, u, v = yuv[:4], yuv[4:5].reshape(2, 2), yuv[5:6].reshape(2, 2)
+    assert y[0, 0] == 82 and y[3, 3] == 235 and y[0, 3] == 16  # BT.601 limited range: red, white, black
+    assert (u[0, 0], v[0, 0]) == (90, 240) and (u[1, 1], v[1, 1]) == (128, 128)
 
 
 def test_plan_is_deterministic_and_seed_dependent():
