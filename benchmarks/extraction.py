@@ -69,7 +69,7 @@ def run_ours(dataset: Path, modality: str, fps_seg: int, device: str, workers: i
     from pipeline.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(modality=modality, frames_per_segment=fps_seg, random_init=True, device=device,
-                        workers=workers, visual_batch_frames=batch, audio_batch_segments=max(10, batch // 4))
+                        workers=workers)  # the stage runs one video per forward; `batch` is for the naive path
     start = {}
 
     def progress(done, total, vid):
@@ -199,7 +199,7 @@ def ours_data_path(dataset: Path, fps_seg: int, workers: int, batch: int) -> dic
 
     register_null_visual()
     cfg = ExtractConfig(modality="visual", visual_encoder="null-visual", frames_per_segment=fps_seg,
-                        random_init=True, device="cpu", workers=workers, visual_batch_frames=batch)
+                        random_init=True, device="cpu", workers=workers)
     start = {}
 
     def progress(*_):
@@ -264,10 +264,9 @@ def peak_memory(dataset: Path, fps_seg: int, device: str, workers: int, batch: i
     (`ru_maxrss` from wait4) is exact; with decoding workers, the PSS of the process tree is sampled every 0.1 s."""
     code = ("import sys, tempfile; from pathlib import Path; sys.path.insert(0, %r); "
             "from pipeline.extract import ExtractConfig, extract; "
-            "cfg = ExtractConfig(frames_per_segment=%d, random_init=True, device=%r, workers=%d, "
-            "visual_batch_frames=%d); "
+            "cfg = ExtractConfig(frames_per_segment=%d, random_init=True, device=%r, workers=%d); "
             "d = tempfile.mkdtemp(); extract(%r, cfg, Path(d)); import shutil; shutil.rmtree(d)"
-            % (str(REPO), fps_seg, device, workers, batch, str(dataset)))
+            % (str(REPO), fps_seg, device, workers, str(dataset)))
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code])
     peak = 0

@@ -10,3 +10,9 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The temporary server runs background services on its SQLite file while the pipeline runs; under load the
+# automations service (triggers) failed with "database is locked" and printed a traceback. The pipeline uses no
+# automations and reads no events back, so those services are off, and SQLite waits longer before giving up.
+os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")

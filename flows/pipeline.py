@@ -17,26 +17,8 @@ from prefect import flow
 from prefect.artifacts import create_table_artifact
 
 from flows.tasks import (evaluate_task, extract_task, finetune_task, prepare_dataset, results_table, train_task)
-from pipeline.config import apply_overrides, dump_config, load_config, validate
-from pipeline.pipeline_config import PipelineConfig, forced_stages
-
-
-def resolve_config(config_path: str | None = None, config: dict | None = None,
-                   overrides: list[str] | None = None) -> PipelineConfig:
-    """A YAML file, then a dict on top of it, then `section.field=value` overrides."""
-    base = dump_config(load_config(PipelineConfig, Path(config_path))) if config_path else {}
-    config = config or {}
-    merged = _deep_merge(base, {k: v for k, v in config.items() if k != "dataset"})
-    if "dataset" in config:  # a dataset replaces the file's (a path and a synth section exclude each other)
-        merged["dataset"] = config["dataset"]
-    return validate(PipelineConfig, apply_overrides(merged, list(overrides or [])), config_path or "config")
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from pipeline.config import dump_config
+from pipeline.pipeline_config import forced_stages, resolve_config
 
 
 @flow(name="avel-pipeline", log_prints=True)
@@ -52,8 +34,9 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
     outcomes = []
 
     audio = extract_task(dataset, c["extract"], root, "audio", "extract_audio", "extract_audio" in forced)
+    # the initial encoder's features depend on the dataset only: recomputed when named, not when fine-tuning is
     visual0 = extract_task(dataset, c["extract"], root, "visual", "extract_visual (initial encoder)",
-                           "extract_visual" in forced)
+                           "extract_visual" in (force or []))
     outcomes += [audio, visual0]
     visual = visual0
     if not cfg.skip_finetune:
@@ -83,6 +66,21 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
     return {"dataset": dataset, "stages": outcomes, "accuracy": evaluated["accuracy"],
             "all_background_accuracy": evaluated["all_background_accuracy"], "split": cfg.evaluate_split,
             "warnings": warnings, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def stop_temporary_server() -> None:
+    """Stop Prefect's temporary local server now (it would otherwise stop at interpreter exit, printing to a
+    terminal that `avel run` keeps for its own output). No-op with a configured server."""
+    from prefect._internal.concurrency.services import QueueService
+    from prefect.server.api.server import SubprocessASGIServer
+
+    servers = list(SubprocessASGIServer._instances.values())
+    if servers:
+        # first send what the log and event workers still hold, or they retry against a stopped server at exit
+        # ("Error logging to API")
+        QueueService.drain_all(timeout=10, at_exit=False)
+    for server in servers:
+        server.stop()
 
 
 # ---- one flow per stage (for running or scheduling a single stage from the UI or the CLI) --------------------

@@ -19,6 +19,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import ave
+from pipeline.progress import reporter
 from pipeline.store import ArtifactStore, Manifest
 
 GPU = ["gpu"]
@@ -61,22 +62,32 @@ def publish(stage: str, label: str, folder: Path, reused: bool, seconds: float, 
                              description=f"{label}: {'reused' if reused else 'computed'}")
     create_link_artifact(folder.resolve().as_uri(), link_text=str(folder), key=f"{key}-folder",
                          description=f"{label} artifact folder")
+    reporter().finish(label, reused, seconds)
     return {"stage": stage, "label": label, "key": manifest.key, "dir": str(folder), "reused": reused,
             "seconds": round(seconds, 2), "warnings": manifest.warnings, **(extra or {})}
 
 
 class Progress:
-    """A Prefect progress artifact updated by a stage's callback (at most every 2 s: each update is an API call)."""
+    """A stage's progress, shown twice: as a Prefect progress artifact (updated at most every 2 s: each update is
+    an API call) and live in the terminal (`pipeline.progress.reporter()`: n/N, time left, the stage's text)."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, total: int | None = None, text: str = ""):
+        self.label = label
         self.id = create_progress_artifact(0.0, key=_artifact_key(f"{label}-progress"), description=label)
         self.last = 0.0
+        reporter().start(label, total)
+        if text:
+            reporter().update(label, 0, total, text)
 
-    def __call__(self, fraction: float, force: bool = False) -> None:
+    def __call__(self, done: int, total: int, text: str = "") -> None:
+        reporter().update(self.label, done, total, text)
         now = time.monotonic()
-        if force or now - self.last > 2.0:
-            update_progress_artifact(self.id, round(100.0 * min(max(fraction, 0.0), 1.0), 1))
+        if now - self.last > 2.0:
+            update_progress_artifact(self.id, round(100.0 * min(max(done / max(total, 1), 0.0), 1.0), 1))
             self.last = now
+
+    def complete(self) -> None:
+        update_progress_artifact(self.id, 100.0)
 
 
 @task(name="prepare-dataset", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -92,8 +103,13 @@ def prepare_dataset(dataset: dict, root: str) -> str:
         return str(path)
     synth = SynthConfig(**dataset["synth"])
     out = Path(root) / "datasets" / f"synth-v{synth.videos}-c{synth.classes}-s{synth.seed}-{synth.width}x{synth.height}"
-    if not (out / ave.ANNOTATIONS).is_file():
-        generate_dataset(out, synth)
+    label = "dataset (synthetic)"
+    t0 = time.perf_counter()
+    reused = (out / ave.ANNOTATIONS).is_file()
+    if not reused:
+        reporter().start(label, synth.videos)
+        generate_dataset(out, synth, progress=lambda done, total: reporter().update(label, done, total, "videos"))
+    reporter().finish(label, reused, time.perf_counter() - t0)
     return str(out)
 
 
@@ -105,8 +121,8 @@ def extract_task(dataset: str, extract_cfg: dict, root: str, modality: str, labe
     progress = Progress(label)
     t0 = time.perf_counter()
     result = extract(Path(dataset), cfg, Path(root), force=force,
-                     progress=lambda done, total, _vid: progress(done / max(total, 1)))[modality]
-    progress(1.0, force=True)
+                     progress=lambda done, total, _vid: progress(done, total, "videos"))[modality]
+    progress.complete()
     return publish(f"extract_{modality}", label, result.dir, result.reused, time.perf_counter() - t0,
                    {"path": str(result.path), "random_init": result.random_init,
                     "failed_rows": len(result.failed_rows)})
@@ -118,12 +134,13 @@ def finetune_task(dataset: str, audio_h5: str, finetune_cfg: dict, root: str, re
     from pipeline.finetune import FinetuneConfig, finetune_stage
 
     cfg = FinetuneConfig.model_validate(finetune_cfg)
-    progress = Progress("finetune")
+    progress = Progress("finetune", cfg.epochs, "epochs (measuring retrieval before)")
     t0 = time.perf_counter()
     result = finetune_stage(Path(dataset), Path(audio_h5), cfg, Path(root),
                             resnet_weights=Path(resnet_weights) if resnet_weights else None, random_init=random_init,
-                            force=force, on_epoch=lambda r: progress((r["epoch"] + 1) / cfg.epochs))
-    progress(1.0, force=True)
+                            force=force, on_epoch=lambda r: progress(r["epoch"] + 1, cfg.epochs,
+                                                                     f"epochs, loss {r['loss']:.4f}"))
+    progress.complete()
     return publish("finetune", "finetune", result.dir, result.reused, time.perf_counter() - t0,
                    {"weights": str(result.weights), "weights_sha256": result.sha256,
                     "retrieval_before": result.metrics.get("retrieval_before"),
@@ -138,11 +155,15 @@ def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, roo
 
     cfg = TrainConfig.model_validate(train_cfg)
     fs = from_dataset(Path(dataset), Path(visual_h5), Path(audio_h5))
-    progress = Progress(label)
+    progress = Progress(label, cfg.epochs, "epochs")
+
+    def on_epoch(r: dict) -> None:
+        val = f", val {r['val_acc']:.1f} %" if r.get("val_acc") is not None else ""
+        progress(r["epoch"] + 1, cfg.epochs, f"epochs, loss {r['loss']:.3f}{val}")
+
     t0 = time.perf_counter()
-    result = train_stage(fs, cfg, Path(root), force=force,
-                         on_epoch=lambda r: progress((r["epoch"] + 1) / cfg.epochs))
-    progress(1.0, force=True)
+    result = train_stage(fs, cfg, Path(root), force=force, on_epoch=on_epoch)
+    progress.complete()
     m = result.metrics
     return publish("train", label, result.dir, result.reused, time.perf_counter() - t0,
                    {"checkpoint": str(result.dir / "best.pt"), "test_accuracy": m["test_accuracy"],

@@ -5,6 +5,7 @@ A `UserError` from anywhere below becomes one `error: ...` line and exit status 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,6 +13,7 @@ from typing import Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.panel import Panel
 from rich.table import Table
 
 from pipeline import ave
@@ -447,43 +449,91 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
 
 
 # ---- the main job -----------------------------------------------------------------------------------------------
-def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[str]) -> None:
+def _check_pipeline_inputs(config_path: Path | None, overrides: list[str], force: list[str]):
+    """Everything that can be checked before the flow starts: the config, --force names, the dataset folder and
+    the weight files. A problem is a UserError (one `error:` line), never a flow traceback."""
+    from pipeline.extract import planned_weights
+    from pipeline.pipeline_config import forced_stages, resolve_config
+
+    cfg = resolve_config(str(config_path) if config_path else None, None, overrides)
+    forced_stages(force)
+    if cfg.dataset.path is not None:
+        ds = ave.load_dataset(cfg.dataset.path)
+        if not ds.video_dir.is_dir():
+            raise UserError(f"{ds.video_dir}: video folder not found (an AVE dataset folder holds videos/<ID>.mp4 "
+                            f"or AVE/<ID>.mp4)")
+    planned_weights(cfg.extract)  # a missing or wrong weight file fails now
+    return cfg
+
+
+def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool) -> None:
+    import datetime
+    import os
     import time
 
-    t0 = time.perf_counter()
-    from flows.pipeline import full_pipeline  # imports prefect: only the orchestration commands pay for it
+    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
 
-    result = full_pipeline(config_path=str(config_path) if config_path else None, overrides=overrides,
-                           force=force)
-    table = Table(title=f"pipeline on {result['dataset']}")
-    for col in ("stage", "", "seconds", "key"):
-        table.add_column(col)
-    for o in result["stages"]:
-        table.add_row(o["label"], "reused" if o["reused"] else "computed", f"{o['seconds']:.1f}", o["key"])
-    console.print(table)
-    for w in result["warnings"]:
-        console.print(f"[bold red]{w}[/bold red]" if w.startswith("RANDOM") else f"[yellow]warning:[/yellow] {w}")
-    console.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
-                  f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s", highlight=False)
+    t0 = time.perf_counter()
+    cfg = _check_pipeline_inputs(config_path, overrides, force)
+    log = Path(cfg.root) / "logs" / f"pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if verbose else "INFO")
+    quiet = contextlib.nullcontext((console, None)) if verbose else quiet_native_output(log)
+    with quiet as (term, _):
+        random = cfg.extract.random_init
+        if random:
+            term.print(Panel("[bold]RANDOM WEIGHTS[/bold]: this run uses randomly initialised encoders "
+                             "(extract.random_init). Its features, weights and accuracies test the pipeline only; "
+                             "every manifest and report is marked so.", style="bold red"))
+        term.print(f"pipeline: dataset {cfg.dataset.path or 'synthetic ' + str(dict(cfg.dataset.synth))}, store "
+                   f"{cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"), highlight=False, soft_wrap=True)
+        term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
+                   highlight=False)
+        with use_reporter(RichReporter(term)):
+            from flows.pipeline import full_pipeline, stop_temporary_server
+
+            try:
+                result = full_pipeline(config_path=str(config_path) if config_path else None,
+                                       overrides=overrides, force=force)
+            finally:
+                if not verbose:
+                    stop_temporary_server()  # now, while its output still goes to the log
+        table = Table(title=f"pipeline on {result['dataset']}")
+        for col in ("stage", "", "seconds", "key"):
+            table.add_column(col)
+        for o in result["stages"]:
+            table.add_row(o["label"], "reused" if o["reused"] else "computed", f"{o['seconds']:.1f}", o["key"])
+        term.print(table)
+        for w in result["warnings"]:
+            if not w.startswith("RANDOM WEIGHTS"):  # said once, above and in the last line
+                term.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        term.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
+                   f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s"
+                   + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
+
+
+VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's own log lines in the terminal (default: "
+                                                      "into <root>/logs/pipeline-*.log).")
 
 
 @app.command()
 def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML (see pipeline/demo.yaml)."),
         set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
-        root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config).")):
+        root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config)."),
+        verbose: bool = VerboseOption):
     """Run the full pipeline (Prefect flow): extract -> fine-tune -> re-extract -> train -> evaluate."""
-    _run_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force))
+    _run_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
 
 
 @app.command()
 def demo(root: Path = RootOption,
          set_: list[str] = typer.Option([], "--set", help="Override a demo setting, e.g. --set train.epochs=10."),
-         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it.")):
+         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
+         verbose: bool = VerboseOption):
     """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/demo.yaml)."""
     from pipeline.pipeline_config import demo_config_path
 
-    _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force))
+    _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force), verbose)
 
 
 @app.command()
@@ -492,9 +542,8 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron schedule, e.g. "
              name: str = typer.Option("avel-scheduled", help="Deployment name."),
              set_: list[str] = typer.Option([], "--set", help="Override a setting.")):
     """Serve the full-pipeline flow on a cron schedule (needs a Prefect server: see the README). Blocks."""
-    from flows.pipeline import full_pipeline, resolve_config
-
-    resolve_config(str(config), None, list(set_))  # fail now on a bad config, not at 3 am
+    _check_pipeline_inputs(config, list(set_), [])  # fail now on a bad config, not at 3 am
+    from flows.pipeline import full_pipeline
     full_pipeline.serve(name=name, cron=cron, parameters={"config_path": str(config.resolve()),
                                                           "overrides": list(set_)})
 

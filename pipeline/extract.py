@@ -435,6 +435,11 @@ def _open_result(store: ArtifactStore, modality: str, key: str, manifest: Manife
     return ExtractResult(modality, STAGES[modality], key, dir_, path, reused, manifest, random_init, failed, n)
 
 
+def planned_weights(cfg: ExtractConfig) -> dict:
+    """{modality: WeightsInfo}: locates and checks each encoder's weight file (a UserError if missing or wrong)."""
+    return {m: _weights_info(cfg, m) for m in cfg.modalities()}
+
+
 def planned_keys(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig()) -> dict[str, str]:
     """{modality: stage key} this config would use (locates and hashes the weight files; decodes nothing)."""
     ds = ave.load_dataset(dataset_dir)

@@ -96,6 +96,9 @@ class FeatureSet:
             if shape[:2] != (n, t):
                 raise UserError(f"{path}: has {shape[0]} rows x {shape[1]} segments but the labels have {n} x {t}; "
                                 f"features and labels must come from the same Annotations.txt")
+        if len(self.class_names) != self.num_classes:
+            raise UserError(f"{len(self.class_names)} class names for labels with {self.num_classes} classes + "
+                            f"background ({self.visual.path.parent}); the class list and the labels must agree")
         if self.valid is None:
             self.valid = np.ones(n, bool)
         for modality, ff in (("visual", self.visual), ("audio", self.audio)):
@@ -166,13 +169,46 @@ def from_public_folder(folder: Path) -> FeatureSet:
             splits[s] = ave.read_order(path, n)
     if "test" not in splits:
         raise UserError(f"{folder}: test_order.h5 not found; the public AVE layout has train/val/test_order.h5")
-    classes = ds.classes if ds is not None else [f"class {c}" for c in range(labels.shape[-1] - 1)]
+    if ds is not None and len(ds) != n:
+        raise UserError(f"{annotations}: {len(ds)} rows but {labels_path.name} has {n}; both must describe the "
+                        f"same videos, line i = row i")
+    classes = _class_names(labels_path if labels_path.is_file() else annotations, ds, labels)
     fv = FeatureFile.open(folder / PUBLIC_NAMES["visual"], "visual")
     fa = FeatureFile.open(folder / PUBLIC_NAMES["audio"], "audio")
     return FeatureSet(fv, fa, labels, splits, classes, [a.video_id for a in ds.annotations] if ds else None,
                       digests={"visual": _quick_identity(fv.path), "audio": _quick_identity(fa.path),
                                "labels": hashlib.sha256(labels.tobytes()).hexdigest(),
                                "splits": digest_json({k: v.tolist() for k, v in splits.items()})})
+
+
+def _class_names(labels_path: Path, ds: "ave.AVEDataset | None", labels: np.ndarray) -> list[str]:
+    """Names of the label columns (all but the last, background), checked against the labels before any work.
+
+    labels.h5 fixes the label space. Annotations.txt names the classes in order of first appearance, so it
+    names fewer when its rows use only some of them: with AVE's width (28 classes + background) and names that
+    are all AVE categories, the columns are AVE's class order, provided every event segment's column is its
+    row's category there (checked); any other disagreement is an error naming both files."""
+    from pipeline.synth import AVE_CATEGORIES
+
+    width = labels.shape[-1] - 1
+    if ds is None:
+        return list(AVE_CATEGORIES) if width == len(AVE_CATEGORIES) else [f"class {c}" for c in range(width)]
+    if len(ds.classes) == width:
+        return list(ds.classes)
+    if width == len(AVE_CATEGORIES) and set(ds.classes) <= set(AVE_CATEGORIES):
+        index = {c: k for k, c in enumerate(AVE_CATEGORIES)}
+        for a in ds.annotations:
+            cols = np.unique(labels[a.row].argmax(-1))
+            cols = cols[cols != width]
+            if len(cols) and set(cols.tolist()) != {index[a.category]}:
+                raise UserError(f"{labels_path}: row {a.row} labels its events with column(s) {cols.tolist()} but "
+                                f"Annotations.txt says {a.category!r}, column {index[a.category]} in AVE's class "
+                                f"order; the two files disagree")
+        return list(AVE_CATEGORIES)
+    raise UserError(f"{labels_path}: {width} classes + background, but {ds.root / ave.ANNOTATIONS} names "
+                    f"{len(ds.classes)} ({', '.join(ds.classes[:5])}{' ...' if len(ds.classes) > 5 else ''}); "
+                    f"use the labels.h5 made from this Annotations.txt (`avel labels`), or remove labels.h5 to "
+                    f"rebuild the labels from Annotations.txt")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import StrictModel, apply_overrides, dump_config, load_config, validate
 from pipeline.extract import ExtractConfig
 from pipeline.finetune import FinetuneConfig
 from pipeline.train import TrainConfig
@@ -63,6 +63,24 @@ class PipelineConfig(StrictModel):
     baseline: bool = False  # also train on the initial features, to measure what fine-tuning changed
     train: TrainConfig = TrainConfig()
     evaluate_split: Literal["val", "test"] = "test"
+
+
+def resolve_config(config_path: str | None = None, config: dict | None = None,
+                   overrides: list[str] | None = None) -> PipelineConfig:
+    """A YAML file, then a dict on top of it, then `section.field=value` overrides."""
+    base = dump_config(load_config(PipelineConfig, Path(config_path))) if config_path else {}
+    config = config or {}
+    merged = _deep_merge(base, {k: v for k, v in config.items() if k != "dataset"})
+    if "dataset" in config:  # a dataset replaces the file's (a path and a synth section exclude each other)
+        merged["dataset"] = config["dataset"]
+    return validate(PipelineConfig, apply_overrides(merged, list(overrides or [])), config_path or "config")
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def forced_stages(force: list[str] | tuple[str, ...]) -> set[str]:

@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("prefect")
 
 from flows.pipeline import full_pipeline  # noqa: E402  (after the importorskip)
+from pipeline.progress import Reporter, use_reporter  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 from tests.features_fixture import TINY_MODEL  # noqa: E402
 
@@ -36,10 +37,36 @@ def by_label(result):
     return {o["label"]: o for o in result["stages"]}
 
 
+class Recorder(Reporter):
+    def __init__(self):
+        self.events = []
+
+    def start(self, label, total=None):
+        self.events.append(("start", label, total, ""))
+
+    def update(self, label, done, total=None, text=""):
+        self.events.append(("update", label, (done, total), text))
+
+    def finish(self, label, reused, seconds, note=""):
+        self.events.append(("finish", label, reused, note))
+
+
 def test_pipeline_runs_reuses_and_reruns_only_what_changed(prefect_harness, tmp_path):
     cfg = tiny_config(tmp_path)
-    first = full_pipeline(config=cfg)
+    with use_reporter(Recorder()) as rec:
+        first = full_pipeline(config=cfg)
     stages = by_label(first)
+    # live progress: every stage starts, counts up to its total and finishes; epochs show loss and val accuracy
+    finished = [e[1] for e in rec.events if e[0] == "finish"]
+    assert finished == ["dataset (synthetic)", *stages]
+    updates = {}
+    for kind, label, value, text in rec.events:
+        if kind == "update":
+            updates.setdefault(label, []).append((value, text))
+    assert updates["dataset (synthetic)"][-1][0] == (6, 6)
+    assert updates["extract_audio"][-1][0] == (6, 6)
+    assert updates["train"][-1][0] == (2, 2) and "loss" in updates["train"][-1][1] and "val" in updates["train"][-1][1]
+    assert any("loss" in text for _, text in updates["finetune"])
     assert list(stages) == ["extract_audio", "extract_visual (initial encoder)", "finetune",
                             "extract_visual (fine-tuned)", "train", "evaluate"]
     assert not any(o["reused"] for o in first["stages"])
@@ -80,3 +107,21 @@ def test_a_failing_stage_fails_the_run_and_keeps_finished_artifacts(prefect_harn
     for m in store.list("extract_visual"):
         with h5py.File(store.path(m.stage, m.key) / m.outputs["visual"].path) as f:
             assert f["avadataset"][()].any()  # complete and readable
+
+
+def test_bad_config_is_one_error_line_before_prefect_starts(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset:\n  path: /nonexistent\n  synth: {videos: 4}\n")
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(f"dataset: {{path: {tmp_path / 'nowhere'}}}\n")
+    avel = Path(sys.executable).with_name("avel")
+    for cfg, message in ((bad, "give exactly one of dataset.path"), (missing, "nowhere")):
+        proc = subprocess.run([str(avel), "run", "--config", str(cfg), "--root", str(tmp_path / "art")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ""
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

@@ -144,3 +144,40 @@ def test_standardized_features_travel_in_the_checkpoint(tmp_path):
     assert torch.allclose(norm["visual_mean"], torch.full((12,), 5.0), atol=0.01)
     again = evaluate(result.dir / "best.pt", fs, "test", device="cpu")
     assert again["accuracy"] == result.metrics["test_accuracy"]
+
+
+def _write_labels(folder, width, shift=0):
+    from pipeline.ave import load_dataset
+    from pipeline.synth import AVE_CATEGORIES
+
+    ds = load_dataset(folder)
+    small = ds.segment_labels()  # [N,10,len(ds.classes)+1]
+    out = np.zeros((*small.shape[:2], width + 1), np.float32)
+    for k, name in enumerate(ds.classes):
+        col = (AVE_CATEGORIES.index(name) + shift) % width if width == len(AVE_CATEGORIES) else k
+        out[..., col] = small[..., k]
+    out[..., width] = small[..., -1]
+    with h5py.File(folder / "labels.h5", "w") as f:
+        f.create_dataset("avadataset", data=out)
+
+
+def test_ave_width_labels_with_a_subset_of_classes_train_end_to_end(tmp_path, folder):
+    """labels.h5 with AVE's 29 columns, Annotations.txt naming 3 classes: AVE's class list, checked, and a run
+    that writes its predictions (this combination once crashed in write_predictions after all epochs)."""
+    from pipeline.synth import AVE_CATEGORIES
+
+    _write_labels(folder, len(AVE_CATEGORIES))
+    fs = from_public_folder(folder)
+    assert fs.class_names == list(AVE_CATEGORIES) and fs.num_classes == 28
+    cfg = TrainConfig(epochs=1, batch_size=4, model=TINY_MODEL, device="cpu")
+    result = train_stage(fs, cfg, tmp_path / "art")
+    assert (result.dir / "predictions_test.csv").is_file()
+
+
+def test_labels_and_annotations_that_disagree_fail_before_training(folder):
+    _write_labels(folder, 28, shift=1)  # AVE's width, every class in the wrong column
+    with pytest.raises(UserError, match="row .* labels its events with column.*disagree"):
+        from_public_folder(folder)
+    _write_labels(folder, 5)  # 5 classes in labels.h5, 3 named in Annotations.txt
+    with pytest.raises(UserError, match="5 classes \\+ background, but .*Annotations.txt names 3"):
+        from_public_folder(folder)
