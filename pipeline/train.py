@@ -30,7 +30,7 @@ from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
 from pipeline.features import FeatureNorm, FeatureSet, SplitData, channel_stats
 from pipeline.metrics import localization_metrics, segment_accuracy
-from pipeline.runtime import autocast, load_torch_file, resolve_device, seed_everything
+from pipeline.runtime import autocast, flush_denormals, load_torch_file, resolve_device, seed_everything
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
 STAGE, VERSION = "train", "1"
@@ -195,6 +195,11 @@ EpochCallback = Callable[[dict], None]
 
 def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None = None) -> dict:
     """Train one seed into `out_dir`, resuming from `out_dir/last.pt` if a previous run was cut off."""
+    with flush_denormals():
+        return _train_model(fs, cfg, out_dir, on_epoch)
+
+
+def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None) -> dict:
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None
