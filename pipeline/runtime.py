@@ -60,7 +60,9 @@ def flush_denormals():
 
     The localizer's training on the demo slowed from 3.9 s to 12.6 s per epoch over its first 4 epochs as values
     in the optimizer state and activations became subnormal (x86 handles them in microcode); flushed, it stays at
-    3.4-4 s. Scoped to training so that extraction in the same process is computed exactly as in any other."""
+    3.4-4 s. The mode is per CPU thread: torch's worker threads started before this (by the encoders earlier in
+    a pipeline process) keep theirs, so there it only reaches the calling thread. Scoped to training so that
+    extraction in the same process is computed exactly as in any other."""
     torch.set_flush_denormal(True)
     try:
         yield
