@@ -476,7 +476,7 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
     t0 = time.perf_counter()
     cfg = _check_pipeline_inputs(config_path, overrides, force)
     log = Path(cfg.root) / "logs" / f"pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING" if verbose else "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # into the log file, or on the terminal with --verbose
     quiet = contextlib.nullcontext((console, None)) if verbose else quiet_native_output(log)
     with quiet as (term, _):
         random = cfg.extract.random_init
