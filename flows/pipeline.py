@@ -10,7 +10,6 @@ config re-runs fine-tuning, visual re-extraction, training and evaluation, and r
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow

@@ -452,16 +452,13 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
 def _check_pipeline_inputs(config_path: Path | None, overrides: list[str], force: list[str]):
     """Everything that can be checked before the flow starts: the config, --force names, the dataset folder and
     the weight files. A problem is a UserError (one `error:` line), never a flow traceback."""
-    from pipeline.extract import planned_weights
+    from pipeline.extract import load_video_dataset, planned_weights
     from pipeline.pipeline_config import forced_stages, resolve_config
 
     cfg = resolve_config(str(config_path) if config_path else None, None, overrides)
     forced_stages(force)
     if cfg.dataset.path is not None:
-        ds = ave.load_dataset(cfg.dataset.path)
-        if not ds.video_dir.is_dir():
-            raise UserError(f"{ds.video_dir}: video folder not found (an AVE dataset folder holds videos/<ID>.mp4 "
-                            f"or AVE/<ID>.mp4)")
+        load_video_dataset(cfg.dataset.path)
     planned_weights(cfg.extract)  # a missing or wrong weight file fails now
     return cfg
 
@@ -477,8 +474,8 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
     cfg = _check_pipeline_inputs(config_path, overrides, force)
     log = Path(cfg.root) / "logs" / f"pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # into the log file, or on the terminal with --verbose
-    quiet = contextlib.nullcontext((console, None)) if verbose else quiet_native_output(log)
-    with quiet as (term, _):
+    quiet = contextlib.nullcontext(console) if verbose else quiet_native_output(log)
+    with quiet as term:
         random = cfg.extract.random_init
         if random:
             term.print(Panel("[bold]RANDOM WEIGHTS[/bold]: this run uses randomly initialised encoders "

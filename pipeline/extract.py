@@ -435,6 +435,15 @@ def _open_result(store: ArtifactStore, modality: str, key: str, manifest: Manife
     return ExtractResult(modality, STAGES[modality], key, dir_, path, reused, manifest, random_init, failed, n)
 
 
+def load_video_dataset(dataset_dir: Path) -> ave.AVEDataset:
+    """The dataset, which must have its video folder (extraction decodes from it)."""
+    ds = ave.load_dataset(dataset_dir)
+    if not ds.video_dir.is_dir():
+        raise UserError(f"{ds.video_dir}: video folder not found (an AVE dataset folder holds videos/<ID>.mp4 or "
+                        f"AVE/<ID>.mp4)")
+    return ds
+
+
 def planned_weights(cfg: ExtractConfig) -> dict:
     """{modality: WeightsInfo}: locates and checks each encoder's weight file (a UserError if missing or wrong)."""
     return {m: _weights_info(cfg, m) for m in cfg.modalities()}
@@ -460,10 +469,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
     from extractors.weights import trained_from_random
 
     t_start = time.perf_counter()
-    ds = ave.load_dataset(dataset_dir)
-    if not ds.video_dir.is_dir():
-        raise UserError(f"{ds.video_dir}: video folder not found (an AVE dataset folder holds videos/<ID>.mp4 or "
-                        f"AVE/<ID>.mp4)")
+    ds = load_video_dataset(dataset_dir)
     device = resolve_device(cfg.device)
     store = ArtifactStore(root)
     digest = ds.digest()

@@ -18,9 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -67,12 +66,10 @@ class RichReporter(Reporter):
                             console=console, transient=True, auto_refresh=self.live)
         self.tasks: dict[str, int] = {}
         self.printed: dict[str, int] = {}  # off a terminal: the last 10 % step printed per stage
-        self.started: dict[str, float] = {}
         if self.live:
             self.bar.start()
 
     def start(self, label: str, total: int | None = None) -> None:
-        self.started[label] = time.monotonic()
         if label in self.tasks:
             self.bar.reset(self.tasks[label], total=total)
         else:
@@ -105,20 +102,19 @@ class RichReporter(Reporter):
 
 
 @contextlib.contextmanager
-def quiet_native_output(log: Path) -> Iterator[tuple[Console, TextIO]]:
-    """Point file descriptors 1 and 2 at `log` for the block; yield a Console and an error stream on the real
-    terminal. Processes started inside inherit the log file, so their output never reaches the terminal."""
+def quiet_native_output(log: Path) -> Iterator[Console]:
+    """Point file descriptors 1 and 2 at `log` for the block; yield a Console on the real terminal. Processes
+    started inside inherit the log file, so their output never reaches the terminal."""
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     term_out = os.fdopen(os.dup(saved_out), "w", buffering=1, encoding="utf-8", errors="replace")
-    term_err = os.fdopen(os.dup(saved_err), "w", buffering=1, encoding="utf-8", errors="replace")
     with open(log, "a", encoding="utf-8") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
     try:
-        yield Console(file=term_out, force_terminal=term_out.isatty() or None), term_err
+        yield Console(file=term_out, force_terminal=term_out.isatty() or None)
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -127,4 +123,3 @@ def quiet_native_output(log: Path) -> Iterator[tuple[Console, TextIO]]:
         os.close(saved_out)
         os.close(saved_err)
         term_out.close()
-        term_err.close()
