@@ -44,7 +44,7 @@ def get_extractor_class(name: str) -> type[Extractor]:
 
 
 def create_extractor(name: str, **kwargs) -> Extractor:
-    """Build extractor `name`; kwargs go to its constructor (weights, random_init, seed, device, autocast, and
+    """Build extractor `name`; kwargs go to its constructor (weights, random_init, seed, device, precision, and
     for visual ones frames_per_segment)."""
     return get_extractor_class(name)(**kwargs)
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from extractors.weights import WeightsInfo
-from pipeline.runtime import resolve_device
+from pipeline.runtime import resolve_device, resolve_precision
 
 
 class Extractor(ABC):
@@ -31,11 +31,12 @@ class Extractor(ABC):
     weights: WeightsInfo
     units_per_segment: int
     segment_shape: tuple[int, ...]
+    precision: str  # how the forward runs ("fp32", or "bf16" autocast); it changes the numbers: part of the key
 
     def __init__(self, weights: Path | None = None, *, random_init: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", autocast: bool = True):
+                 device: str | torch.device = "cpu", precision: str = "auto"):
         self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
-        self.autocast = bool(autocast) and self.device.type == "cuda"  # bf16 on CPU is ~6x slower here
+        self.precision = resolve_precision(precision, self.device)  # "fp32" or "bf16" (autocast)
         self.seed = seed
 
     @abstractmethod
@@ -45,11 +46,6 @@ class Extractor(ABC):
     @abstractmethod
     def encode(self, units: torch.Tensor) -> torch.Tensor:
         """[k*units_per_segment, ...] units -> float32 [k, *segment_shape] features on the CPU."""
-
-    @property
-    def precision(self) -> str:
-        """How the forward runs; it changes the numbers, so the stage puts it in its key."""
-        return "bf16-autocast" if self.autocast else "fp32"
 
     def describe(self) -> dict:
         return {"encoder": self.name, "modality": self.modality, "weights": self.weights.to_dict(),

@@ -64,13 +64,17 @@ def import_cnn14_class():
     return Cnn14
 
 
-def cnn14_embedding(model: torch.nn.Module, x: torch.Tensor, use_autocast: bool = False) -> torch.Tensor:
+def cnn14_embedding(model: torch.nn.Module, x: torch.Tensor, precision: str = "fp32",
+                    channels_last: bool = False) -> torch.Tensor:
     """Cnn14's eval-mode forward up to `embedding` (what `model(x)["embedding"]` returns, without the 527-class
-    head). The log-mel front end always runs in float32; only the conv stack runs under bf16 autocast on CUDA."""
+    head). The log-mel front end always runs in float32; only the conv stack runs under bf16 autocast when
+    `precision` is bf16. `channels_last`: the conv stack in that layout (the model's weights must be too)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         spec = model.logmel_extractor(model.spectrogram_extractor(x.float()))  # [B,1,T,64]
-    with autocast_ctx(x.device, use_autocast):
+    with autocast_ctx(x.device, precision):
         h = model.bn0(spec.transpose(1, 3)).transpose(1, 3)
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
         for i, block in enumerate((model.conv_block1, model.conv_block2, model.conv_block3, model.conv_block4,
                                    model.conv_block5, model.conv_block6)):
             h = block(h, pool_size=(1, 1) if i == 5 else (2, 2), pool_type="avg")
@@ -87,8 +91,8 @@ class Cnn14Extractor(Extractor):
     output_file: ClassVar[str] = "audio.h5"
 
     def __init__(self, weights: Path | None = None, *, random_init: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", autocast: bool = True, **_ignored):
-        super().__init__(weights, random_init=random_init, seed=seed, device=device, autocast=autocast)
+                 device: str | torch.device = "cpu", precision: str = "auto", **_ignored):
+        super().__init__(weights, random_init=random_init, seed=seed, device=device, precision=precision)
         self.weights = locate_weights("cnn14", weights, random_init=random_init, seed=seed)
         state_dict = None if random_init else read_cnn14_state_dict(self.weights.path)
         Cnn14 = import_cnn14_class()
@@ -97,7 +101,9 @@ class Cnn14Extractor(Extractor):
         if state_dict is not None:
             load_cnn14_weights(model, self.weights.path, state_dict)
             del state_dict
-        self.model = model.eval().to(self.device)
+        # channels_last: 0.41 vs 0.43 s per 10 s of audio in fp32 on a 2-core AVX2 CPU (measured); what bf16/AMX
+        # and CUDA kernels want
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
         self.model.requires_grad_(False)
         self.units_per_segment = 1
         self.segment_shape = (EMBEDDING_DIM,)
@@ -111,7 +117,7 @@ class Cnn14Extractor(Extractor):
 
     @torch.inference_mode()
     def encode(self, units: torch.Tensor) -> torch.Tensor:
-        return cnn14_embedding(self.model, units.to(self.device), self.autocast).cpu()
+        return cnn14_embedding(self.model, units.to(self.device), self.precision, channels_last=True).cpu()
 
     def describe(self) -> dict:
         return {**super().describe(), "cnn14_args": CNN14_ARGS}

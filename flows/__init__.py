@@ -16,3 +16,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_DATABASE_TIMEOUT", "60")
+
+# Process-wide CPU settings (subnormals flushed) before any thread starts, so every thread of the flow has them.
+from pipeline.runtime import configure_process  # noqa: E402
+
+configure_process()

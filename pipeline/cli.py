@@ -172,6 +172,8 @@ VisualOption = typer.Option(None, "--visual", help="Visual feature h5 (with --da
 AudioOption = typer.Option(None, "--audio", help="Audio feature h5 (with --dataset).")
 ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (its `train:` section is used).")
 SetOption = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=20 --set model.psi=0.3.")
+PrecisionOption = typer.Option(None, "--precision", help="auto (bf16 autocast where the device has native bf16: "
+                                                         "CUDA, or a CPU with AMX/AVX512-BF16; else fp32), fp32, bf16.")
 
 
 @app.command()
@@ -182,6 +184,7 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
           seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 1,2,3: mean and std."),
           select_on: Optional[str] = typer.Option(None, "--select-on", help="val (default) or test (reference)."),
           device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+          precision: Optional[str] = PrecisionOption,
           force: bool = typer.Option(False, help="Retrain even if this config was trained before.")):
     """Train the CACE localizer (reference recipe by default) and report val-selected test accuracy."""
     from rich.progress import Progress
@@ -190,9 +193,10 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
     from pipeline.train import TrainConfig, train_seeds
 
     overrides = list(set_) + [f"{k}={v}" for k, v in (("epochs", epochs), ("select_on", select_on),
-                                                      ("device", device)) if v is not None]
+                                                      ("device", device), ("precision", precision)) if v is not None]
     cfg = load_config(TrainConfig, config, overrides, section="train")
     fs = _feature_set(features, dataset, visual, audio, root)
+    _print_precision(cfg.precision, cfg.device)
     for note in fs.notes:
         console.print(f"[bold red]{note}[/bold red]")
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
@@ -225,19 +229,28 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
              visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
              split: str = typer.Option("test", help="Split to evaluate."),
              dtype: str = typer.Option("float32", help="float32 or float64 (the reference's precision)."),
-             device: str = typer.Option("auto", help="auto, cpu, cuda.")):
+             device: str = typer.Option("auto", help="auto, cpu, cuda."),
+             precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16 (autocast).")):
     """Evaluate a checkpoint: segment accuracy (papers' metric), per class, event/background P/R/F1."""
     from pipeline.train import evaluate_stage
 
     fs = _feature_set(features, dataset, visual, audio, root)
     for note in fs.notes:
         console.print(f"[bold red]{note}[/bold red]")
-    result = evaluate_stage(checkpoint, fs, root, split, dtype=dtype, device=device)
+    _print_precision(precision, device)
+    result = evaluate_stage(checkpoint, fs, root, split, dtype=dtype, device=device, precision=precision)
     m = result.metrics
     console.print(f"{'reused' if result.reused else 'wrote'} {result.dir}")
     console.print(f"event segments: precision {m['event']['precision']:.2f} %, recall {m['event']['recall']:.2f} %, "
                   f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %")
     console.print(f"{split} accuracy: {m['accuracy']:.2f} %")
+
+
+def _print_precision(precision: str, device: str) -> None:
+    """One line: which precision runs and why (the detection is the CPU's flags or the CUDA device)."""
+    from pipeline.runtime import precision_note, resolve_device
+
+    console.print(precision_note(precision, resolve_device(device)), highlight=False, soft_wrap=True)
 
 
 # ---- features ---------------------------------------------------------------------------------------------------
@@ -254,6 +267,7 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
                                                              help="Frames averaged per second (AVE: 16)."),
             dtype: Optional[str] = typer.Option(None, help="float32 (default) or float16."),
             device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+            precision: Optional[str] = PrecisionOption,
             workers: Optional[int] = typer.Option(None, help="Decoding processes."),
             max_failure_share: Optional[float] = typer.Option(None, "--max-failure-share",
                                                               help="Exit non-zero if more rows than this fail."),
@@ -271,10 +285,12 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
 
     given = {"modality": modality, "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
              "frames_per_segment": frames_per_segment, "dtype": dtype, "device": device, "workers": workers,
+             "precision": precision,
              "max_failure_share": max_failure_share, "random_init": True if random_init else None}
     cfg = load_config(ExtractConfig, config, list(set_), section="extract")
     cfg = validate(ExtractConfig, {**cfg.model_dump(), **{k: v for k, v in given.items() if v is not None}},
                    "command-line options")
+    _print_precision(cfg.precision, cfg.device)
     if cfg.random_init:
         console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init builds the encoders with random weights. "
                             "The features are for testing the pipeline only; every output is marked so.",
@@ -320,6 +336,7 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
              resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="Initial ResNet-50 weights "
                                                            "(default: the ImageNet file in the torch hub cache)."),
              random_init: bool = typer.Option(False, "--random-init", help="Start from random weights (testing only)."),
+             precision: Optional[str] = PrecisionOption,
              force: bool = typer.Option(False, help="Fine-tune again even if this run exists (drops its resume "
                                                     "point).")):
     """Fine-tune ResNet-50 with InfoNCE on video-level audio/visual pairs (train+val, never test); report
@@ -331,7 +348,9 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
     from pipeline.features import newest_extraction
     from pipeline.finetune import FinetuneConfig, finetune_stage
 
-    cfg = load_config(FinetuneConfig, config, list(set_), section="finetune")
+    cfg = load_config(FinetuneConfig, config, list(set_) + ([f"precision={precision}"] if precision else []),
+                      section="finetune")
+    _print_precision(cfg.precision, cfg.device)
     audio_h5 = audio if audio is not None else newest_extraction(root, dataset, "audio")
     if random_init:
         console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init starts from a randomly initialised "
@@ -388,7 +407,9 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
                                                           "if the store and the default location lack it (its "
                                                           "sha256 must match the checkpoint's)."),
             cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 weight file (sha256 "
-                                                         "checked likewise).")):
+                                                         "checked likewise)."),
+            precision: Optional[str] = typer.Option(None, "--precision", help="The encoders' compute: auto, fp32, "
+                                                    "bf16 (default: as the checkpoint's features were extracted).")):
     """Localize events in your own videos: per second, event or background, class and probability (+ a picture)."""
     import numpy as np
 
@@ -397,7 +418,9 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
     def show_model(loc) -> None:
         enc = ", ".join(f"{m} {p.encoder} ({'random init, seed %d' % p.seed if p.random_init else p.source})"
                         for m, p in loc.plans.items())
-        console.print(f"model {loc.checkpoint} ({len(loc.class_names)} classes; encoders: {enc}; {loc.device})",
+        prec = ", ".join(f"{m} {e.precision}" for m, e in loc.extractors.items())
+        console.print(f"model {loc.checkpoint} ({len(loc.class_names)} classes; encoders: {enc}; {loc.device}; "
+                      f"precision {prec})",
                       highlight=False, soft_wrap=True)
         for note in loc.notes:
             console.print(f"[bold red]{note}[/bold red]" if note.startswith("RANDOM") else f"[yellow]{note}[/yellow]",
@@ -439,7 +462,8 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
 
     with console.status("localizing"):
         results = predict_videos(videos, model, out, device=device, dataset=dataset, root=root,
-                                 resnet_weights=resnet_weights, cnn14_weights=cnn14_weights, on_model=show_model,
+                                 resnet_weights=resnet_weights, cnn14_weights=cnn14_weights, precision=precision,
+                                 on_model=show_model,
                                  on_video=show)
     ok = sum(vp.ok for vp in results)
     console.print(f"{ok} of {len(results)} video(s) localized; summary: {out / 'summary.json'}, "
@@ -483,6 +507,8 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
                              "every manifest and report is marked so.", style="bold red"))
         term.print(f"pipeline: dataset {cfg.dataset.path or 'synthetic ' + str(dict(cfg.dataset.synth))}, store "
                    f"{cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"), highlight=False, soft_wrap=True)
+        precisions = _stage_precisions(cfg)
+        term.print(precisions, highlight=False, soft_wrap=True)
         term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
                    highlight=False)
         with use_reporter(RichReporter(term)):
@@ -504,8 +530,20 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
             if not w.startswith("RANDOM WEIGHTS"):  # said once, above and in the last line
                 term.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
         term.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
-                   f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s"
+                   f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s, "
+                   f"{precisions.split(' (')[0]}"
                    + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
+
+
+def _stage_precisions(cfg) -> str:
+    """"precision fp32 (auto: ...)" when every stage runs the same one, else one entry per stage."""
+    from pipeline.runtime import precision_note, resolve_device
+
+    notes = {stage: precision_note(getattr(cfg, stage).precision, resolve_device(getattr(cfg, stage).device))
+             for stage in ("extract", "finetune", "train")}
+    if len(set(notes.values())) == 1:
+        return next(iter(notes.values())) + " for extraction, fine-tuning and training"
+    return "; ".join(f"{stage}: {note}" for stage, note in notes.items())
 
 
 VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's own log lines in the terminal (default: "
@@ -546,6 +584,9 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron schedule, e.g. "
 
 
 def main() -> None:
+    from pipeline.runtime import configure_process
+
+    configure_process()  # before any torch work, so torch's worker threads inherit it
     try:
         app()
     except UserError as e:

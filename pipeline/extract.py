@@ -3,7 +3,7 @@
 Two stages in the store, `extract_visual` and `extract_audio`, so a fine-tuned visual encoder changes only the
 visual key (the audio features are reused untouched). A stage's key digests the dataset (`AVEDataset.digest()`),
 the weights (the file's sha256, or `random-init:<seed>`) and the config fields that change the numbers (encoder,
-frames per segment, dtype, fp32 vs bf16 autocast); workers, threads and the device do not enter it.
+frames per segment, dtype, the precision that runs, `auto` resolved: "fp32" or "bf16" autocast); workers, threads and the device do not enter it.
 
 Output (what the public CACE-Net / AVE code reads unchanged): dataset `avadataset`, row i = Annotations.txt line i,
 chunked by row, float32 (or float16). Beside it: `valid` [N] bool (False for rows whose video failed; their
@@ -52,12 +52,12 @@ from pydantic import Field
 from pipeline import ave, media
 from pipeline.config import StrictModel
 from pipeline.errors import UserError
-from pipeline.runtime import default_threads, pinned_threads, resolve_device, worker_context
+from pipeline.runtime import default_threads, pinned_threads, resolve_device, resolve_precision, worker_context
 from pipeline.store import ArtifactStore, Manifest, StageRun, stage_key
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"  # bump when the output for the same inputs changes (sampler, length rule, layout)
+VERSION = "2"  # 2: encoders in channels_last (other fp32 bits). Bump when the output for the same inputs changes (sampler, length rule, layout)
 MODALITIES = ("visual", "audio")
 STAGES = {"visual": "extract_visual", "audio": "extract_audio"}
 OUTPUT_FILES = {"visual": "visual.h5", "audio": "audio.h5"}
@@ -82,7 +82,9 @@ class ExtractConfig(StrictModel):
                                     description="frames averaged per 1-s segment (AVE: 16)")
     dtype: Literal["float32", "float16"] = "float32"
     device: str = "auto"
-    autocast: bool = Field(True, description="bf16 autocast; applies on CUDA only (on CPU it is slower)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="compute precision of the encoders: auto = bf16 autocast where the device has native "
+                            "bf16 (CUDA; a CPU with AMX/AVX512-BF16), else fp32. Features are stored as `dtype`")
     threads: int = Field(0, ge=0, description="CPU threads of the encoders' forward (0: torch's default, the "
                                               "machine's cores); a resumed run uses the one its partial file records")
     workers: int = Field(2, ge=0, description="decoding processes (0: decode in the main process)")
@@ -135,7 +137,8 @@ ProgressFn = Callable[[int, int, str], None]  # (videos done, videos to do, vide
 
 # ---- keys -------------------------------------------------------------------------------------------------------
 def precision(cfg: ExtractConfig, device: torch.device) -> str:
-    return "bf16-autocast" if cfg.autocast and device.type == "cuda" else "fp32"
+    """The precision that runs ("fp32" or "bf16"): `auto` resolved on this device, so it is part of the key."""
+    return resolve_precision(cfg.precision, device)
 
 
 def key_config(cfg: ExtractConfig, modality: str, device: torch.device) -> dict:
@@ -491,7 +494,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
             continue
         # every encoder is built (and its weight file checked) before any stage folder is touched
         extractors[m] = create_extractor(cfg.encoder(m), weights=weights.path, random_init=weights.random_init,
-                                         seed=cfg.seed, device=device, autocast=cfg.autocast,
+                                         seed=cfg.seed, device=device, precision=config["precision"],
                                          frames_per_segment=cfg.frames_per_segment)
 
     sinks: dict[str, _Sink] = {}

@@ -46,10 +46,11 @@ from models.losses import info_nce_loss
 from pipeline import ave, media
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
-from pipeline.runtime import autocast, load_torch_file, resolve_device, seed_everything, worker_context
+from pipeline.runtime import (autocast, heap_allocations, load_torch_file, resolve_device, resolve_precision,
+                              seed_everything, worker_context)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
-STAGE, VERSION = "finetune", "1"
+STAGE, VERSION = "finetune", "2"  # 2: the trunk in channels_last on every device
 CHECKPOINT_FORMAT = "avel-finetune/1"
 WEIGHTS_FILE = "resnet50_finetuned.pt"
 REFERENCE_FILE = "resnet50_I_state_dict.pth"
@@ -80,7 +81,8 @@ class FinetuneConfig(StrictModel):
     drop_last: bool = True
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast, CUDA only
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # the trunk's compute (auto: bf16 autocast where the device
+    # has native bf16); the loss in fp32
     workers: int = Field(4, ge=0, description="DataLoader processes decoding frames (0: in the main process)")
 
     @field_validator("trainable_stages", mode="before")
@@ -100,9 +102,13 @@ class FinetuneConfig(StrictModel):
             raise ValueError(f"milestones must be increasing epochs >= 1, got {value}")
         return value
 
+    def resolved_precision(self) -> str:
+        return resolve_precision(self.precision, resolve_device(self.device))
+
     def key_fields(self) -> dict:
-        """Fields that change the result (device and workers do not)."""
-        return {k: v for k, v in dump_config(self).items() if k not in ("device", "workers")}
+        """Fields that change the result (device and workers do not; the precision that runs does)."""
+        fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "workers")}
+        return {**fields, "precision": self.resolved_precision()}
 
     @property
     def resize_size(self) -> int:
@@ -338,7 +344,7 @@ def recall_at(v: torch.Tensor, a: torch.Tensor, ks: tuple[int, ...] = RECALL_AT)
 
 @torch.no_grad()
 def evaluate_retrieval(model: AudioVisualContrastive, dataset: VideoPairs, device: torch.device, workers: int,
-                       amp: bool) -> dict:
+                       precision: str = "fp32") -> dict:
     was_training = model.training
     model.eval()
     norm = Normalizer(device)
@@ -349,7 +355,7 @@ def evaluate_retrieval(model: AudioVisualContrastive, dataset: VideoPairs, devic
         failed += batch["failed"]
         if batch["frames"] is None:
             continue
-        with autocast(device, amp):
+        with autocast(device, precision):
             v, a, _ = model(norm(batch["frames"]), batch["audio"].to(device))
         vs.append(v.float().cpu())
         as_.append(a.float().cpu())
@@ -415,15 +421,22 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 def finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: Path, *,
                    on_epoch: EpochCallback | None = None, meta: dict | None = None) -> dict:
     """Fine-tune into `out_dir`, resuming from `out_dir/last.pt` if a previous run was cut off. Returns a summary."""
+    with heap_allocations():  # large activations reused from the heap, not mapped afresh each step (runtime.py)
+        return _finetune_model(data, weights, cfg, out_dir, on_epoch=on_epoch, meta=meta)
+
+
+def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: Path, *,
+                    on_epoch: EpochCallback | None, meta: dict | None) -> dict:
     from extractors.weights import save_resnet50_trunk
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
     model = build_model(weights, cfg, data.audio_dim).to(device)
-    if device.type == "cuda":  # NHWC convolutions for bf16 tensor cores (the saved tensors load either way)
-        model.channels_last = True
-        model.trunk.to(memory_format=torch.channels_last)
+    # NHWC convolutions on every device (oneDNN's and the tensor cores' layout; the saved tensors load either way)
+    model.channels_last = True
+    model.trunk.to(memory_format=torch.channels_last)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.lr_gamma)
     norm = Normalizer(device)
@@ -465,7 +478,7 @@ def finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: Pa
             if batch["frames"] is None or len(batch["index"]) < 2:
                 t_wait = time.perf_counter()
                 continue
-            with autocast(device, cfg.amp):
+            with autocast(device, precision):
                 v, a, scale = model(norm(batch["frames"]), batch["audio"].to(device))
             loss = pair_loss(v.float(), a.float(), scale.float(), cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -507,14 +520,15 @@ def finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: Pa
     with atomic_path(out_dir / REFERENCE_FILE) as tmp:
         torch.save({"I_state_dict": {k: v.detach().cpu() for k, v in reference_trunk(model.trunk).state_dict().items()},
                     "meta": info}, tmp)
-    return {"history": history, "retrieval": retrieval, "failures": failures, "device": str(device)}
+    return {"history": history, "retrieval": retrieval, "failures": failures, "device": str(device),
+            "precision": precision}
 
 
 def _retrieval(model: AudioVisualContrastive, dataset: VideoPairs, device: torch.device, cfg: FinetuneConfig) -> dict:
     if len(dataset) < 2:
         return {"n": len(dataset), "skipped": f"{len(dataset)} held-out video(s); retrieval needs at least 2 "
                                               f"(holdout_fraction={cfg.holdout_fraction})"}
-    return evaluate_retrieval(model, dataset, device, cfg.workers, cfg.amp)
+    return evaluate_retrieval(model, dataset, device, cfg.workers, cfg.resolved_precision())
 
 
 def write_loss_csv(path: Path, history: list[dict]) -> None:
@@ -591,6 +605,7 @@ def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root:
         "final_temperature": history[-1]["temperature"],
         "retrieval_before": _recalls(retrieval["before"]), "retrieval_after": _recalls(retrieval["after"]),
         "weights_sha256": run.manifest.outputs["weights"].sha256, "device": summary["device"],
+        "precision": summary["precision"],
         "decode_failures": len(summary["failures"])})
     run.manifest.timings.update(seconds_per_epoch=round(float(np.mean(seconds)), 3) if seconds else 0.0,
                                 data_wait_s_per_epoch=round(float(np.mean([r["data_wait_s"] for r in history])), 3),

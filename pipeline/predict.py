@@ -248,11 +248,19 @@ def plan_encoder(modality: str, attrs: dict, explicit: Path | None, roots: Seque
 
 
 # ---- the localizer with its encoders ------------------------------------------------------------------------------
+def recorded_precision(attr: str) -> str:
+    """A feature file's `precision` attribute -> "fp32" or "bf16" (files before 2026-12 wrote "bf16-autocast")."""
+    return "bf16" if attr.startswith("bf16") else "fp32"
+
+
 class Localizer:
     """A checkpoint, the encoders its features came from, and how to run one 10-s window through them."""
 
     def __init__(self, checkpoint: Path, *, device: str = "auto", root: Path | None = None,
-                 resnet_weights: Path | None = None, cnn14_weights: Path | None = None):
+                 resnet_weights: Path | None = None, cnn14_weights: Path | None = None,
+                 precision: str | None = None):
+        """`precision`: the encoders' compute ("auto", "fp32", "bf16"); None = the one the checkpoint's training
+        features were extracted with, so that predictions see features computed as the model saw them."""
         from extractors import create_extractor
         from pipeline.features import FeatureNorm
         from pipeline.train import load_model
@@ -283,7 +291,7 @@ class Localizer:
         self.extractors = {}
         for m, plan in self.plans.items():
             kwargs = dict(weights=plan.weights, random_init=plan.random_init, seed=plan.seed, device=self.device,
-                          autocast=plan.precision == "bf16-autocast")
+                          precision=precision or recorded_precision(plan.precision))
             if m == "visual":
                 kwargs["frames_per_segment"] = plan.frames_per_segment or media.FRAMES_PER_SEGMENT
             ext = create_extractor(plan.encoder, **kwargs)
@@ -330,7 +338,8 @@ class Localizer:
         return {"checkpoint": str(self.checkpoint), "epoch": self.epoch, "device": str(self.device),
                 "classes": self.class_names, "bece_enabled": bool(self.model.bece_enabled),
                 "feature_norm": self.norm is not None,
-                "encoders": {m: p.to_dict() for m, p in self.plans.items()}, "notes": list(self.notes)}
+                "encoders": {m: p.to_dict() for m, p in self.plans.items()},
+                "precision": {m: e.precision for m, e in self.extractors.items()}, "notes": list(self.notes)}
 
     # -- one window -----------------------------------------------------------------------------------------------
     def features(self, frames: np.ndarray, audio: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -600,7 +609,7 @@ def _plot(loc: Localizer, vp: VideoPrediction, png: Path, frames: np.ndarray, au
 # ---- many videos --------------------------------------------------------------------------------------------------
 def predict_videos(videos: Sequence[str | Path], model_ref: str | Path, out_dir: Path, *, device: str = "auto",
                    dataset: Path | None = None, root: Path | None = None, resnet_weights: Path | None = None,
-                   cnn14_weights: Path | None = None, plot: bool = True,
+                   cnn14_weights: Path | None = None, precision: str | None = None, plot: bool = True,
                    on_model: Callable[[Localizer], None] | None = None,
                    on_video: Callable[[VideoPrediction], None] | None = None) -> list[VideoPrediction]:
     """Localize events in each video with the checkpoint `model_ref` (file, train run folder, or store reference).
@@ -612,7 +621,8 @@ def predict_videos(videos: Sequence[str | Path], model_ref: str | Path, out_dir:
     paths = expand_videos(videos)
     ds = ave.load_dataset(Path(dataset)) if dataset is not None else None
     checkpoint = resolve_checkpoint(model_ref, root)
-    loc = Localizer(checkpoint, device=device, root=root, resnet_weights=resnet_weights, cnn14_weights=cnn14_weights)
+    loc = Localizer(checkpoint, device=device, root=root, resnet_weights=resnet_weights, cnn14_weights=cnn14_weights,
+                    precision=precision)
     if on_model:
         on_model(loc)
     out_dir = Path(out_dir)

@@ -54,25 +54,125 @@ def pinned_threads(n: int):
             torch.set_num_threads(before)
 
 
+# ---- precision ---------------------------------------------------------------------------------------------------
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 matrix arithmetic
+
+
+def cpu_bf16_flags() -> list[str]:
+    """The CPU's native-bf16 feature flags (AMX-BF16, AVX512-BF16), read from /proc/cpuinfo; [] where unknown.
+
+    Detected, never assumed: without them oneDNN emulates bf16 and it is far slower than fp32 (measured on an
+    AMD EPYC with AVX2 only: ResNet-50 1.6 frames/s in bf16 against 17.0 in fp32; a 512x512 product 1.5 against
+    127 GFLOPS); with AMX the same trunk ran 4.9x faster than fp32."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def fast_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(cpu_bf16_flags())
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` -> "bf16" where the device computes bf16 natively (CUDA with bf16; a CPU with AMX or AVX512-BF16),
+    "fp32" elsewhere. An explicit choice is kept (bf16 on a CPU without those units is slow but correct)."""
+    if name not in PRECISIONS:
+        raise UserError(f"unknown precision {name!r}; use {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if fast_bf16(device) else "fp32"
+    return name
+
+
+def precision_note(name: str, device: torch.device) -> str:
+    """One line saying which precision runs and why (for the terminal and the manifests)."""
+    used = resolve_precision(name, device)
+    if device.type == "cpu":
+        flags = cpu_bf16_flags()
+        why = f"CPU has {', '.join(flags)}" if flags else "CPU has no AMX/AVX512-BF16 (bf16 would be emulated)"
+    else:
+        why = "CUDA bf16 " + ("supported" if fast_bf16(device) else "not supported")
+    return f"precision {used} ({'auto: ' if name == 'auto' else 'asked; '}{why})"
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast when `precision` (resolved) is bf16, on the CPU or CUDA; a no-op context for fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# ---- process-wide CPU settings ------------------------------------------------------------------------------------
+_flush_denormal = False
+
+
+def configure_process() -> None:
+    """Settings for a whole pipeline process, called by its entry points (the CLI, the flows, the tests) before any
+    torch work, so that torch's CPU worker threads, created later, inherit them:
+    flush subnormal floats to zero. The mode is per thread and new threads copy their creator's: set later, it
+    would reach only the calling thread (seen: the localizer's epochs slowed from 3.4 to 9.5 s in a flow whose
+    extraction had already started the thread pool; 12.6 s with no flushing, on an Intel CPU whose microcode
+    handles subnormals slowly. An AMD EPYC measured here shows no such penalty). Every stage of such a process,
+    extraction included, then computes with the same mode, so its bytes do not depend on which stage ran first."""
+    global _flush_denormal
+    _flush_denormal = bool(torch.set_flush_denormal(True))
+
+
 @contextlib.contextmanager
 def flush_denormals():
-    """Treat subnormal floats as zero on the CPU for the block (then back to torch's default, off).
-
-    The localizer's training on the demo slowed from 3.9 s to 12.6 s per epoch over its first 4 epochs as values
-    in the optimizer state and activations became subnormal (x86 handles them in microcode); flushed, it stays at
-    3.4-4 s. The mode is per CPU thread: torch's worker threads started before this (by the encoders earlier in
-    a pipeline process) keep theirs, so there it only reaches the calling thread. Scoped to training so that
-    extraction in the same process is computed exactly as in any other."""
+    """Flush subnormals for the block on the calling thread (for library callers that did not configure the
+    process); a process configured by `configure_process` keeps its setting after the block."""
     torch.set_flush_denormal(True)
     try:
         yield
     finally:
-        torch.set_flush_denormal(False)
+        torch.set_flush_denormal(_flush_denormal)
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA only: on CPU it is about 6x slower here (../shared/notes/stack.md)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_GLIBC_DEFAULT_MMAP_MAX, _GLIBC_DEFAULT_TRIM = 65536, 128 * 1024
+
+
+@contextlib.contextmanager
+def heap_allocations():
+    """Serve large tensors from the malloc heap for the block, instead of a fresh mmap for each (glibc only).
+
+    glibc maps every allocation over its mmap threshold (at most 32 MB) afresh and unmaps it on free, so a training
+    step that allocates the localizer's [640, 49, 512] maps (64 MB each) dozens of times pays a page fault per 4 KB
+    each time: 47 s of system time in 107 s for 3+3 benchmark steps. With mmap off and trimming deferred, the
+    freed blocks are reused: 4.30 -> 3.41 s per step (measured, AVE-sized batch of 64, 2 threads). After the block
+    the defaults come back and free heap memory is returned to the system (malloc_trim)."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_TRIM)
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def load_torch_file(path: Path, what: str) -> Any:

@@ -30,10 +30,11 @@ from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
 from pipeline.features import FeatureNorm, FeatureSet, SplitData, channel_stats
 from pipeline.metrics import localization_metrics, segment_accuracy
-from pipeline.runtime import autocast, flush_denormals, load_torch_file, resolve_device, seed_everything
+from pipeline.runtime import (autocast, flush_denormals, heap_allocations, load_torch_file, resolve_device,
+                              resolve_precision, seed_everything)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
-STAGE, VERSION = "train", "1"
+STAGE, VERSION = "train", "2"  # 2: dropout masks drawn from integer bits (models.cace.Dropout)
 CHECKPOINT_FORMAT = "avel-cace/1"
 
 
@@ -52,7 +53,8 @@ class TrainConfig(StrictModel):
     seed: int = 3917
     select_on: Literal["val", "test"] = "val"
     dtype: Literal["float32", "float64"] = "float32"
-    amp: bool = True  # bf16 autocast, CUDA only
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # the model's compute under bf16 autocast or not (auto: bf16
+    # where the device has native bf16); losses always in `dtype`
     device: str = "auto"
     memory_budget_gb: float | None = None  # None: half the free RAM
     # Per-channel z-scores of the inputs, statistics from the train split (saved in the checkpoint). Off in the
@@ -73,9 +75,13 @@ class TrainConfig(StrictModel):
     def first_bece_epoch(self) -> int:
         return self.bece_start if self.bece_start is not None else math.ceil(self.epochs / 8)
 
+    def resolved_precision(self) -> str:
+        return resolve_precision(self.precision, resolve_device(self.device))
+
     def key_fields(self) -> dict:
-        """Fields that change the result (the device does not, by intent)."""
-        return {k: v for k, v in dump_config(self).items() if k not in ("device", "memory_budget_gb")}
+        """Fields that change the result (the device does not, by intent; the precision that runs does)."""
+        fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "memory_budget_gb")}
+        return {**fields, "precision": self.resolved_precision()}
 
 
 def model_config(fs: FeatureSet, overrides: dict) -> CACEConfig:
@@ -102,12 +108,12 @@ class Predictions:
 
 
 @torch.no_grad()
-def infer(model: CACENet, data: SplitData, batch_size: int, amp: bool = False) -> Predictions:
+def infer(model: CACENet, data: SplitData, batch_size: int, precision: str = "fp32") -> Predictions:
     model.eval()
     out = {"labels": [], "event_prob": [], "class_prob": [], "targets": []}
     for start in range(0, len(data), batch_size):
         v, a, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
-        with autocast(data.device, amp):
+        with autocast(data.device, precision):
             o = model(v.to(model.v_fc.weight.dtype), a.to(model.v_fc.weight.dtype))
         p = predict(o)
         out["labels"].append(p.labels.cpu())
@@ -195,13 +201,14 @@ EpochCallback = Callable[[dict], None]
 
 def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None = None) -> dict:
     """Train one seed into `out_dir`, resuming from `out_dir/last.pt` if a previous run was cut off."""
-    with flush_denormals():
+    with flush_denormals(), heap_allocations():
         return _train_model(fs, cfg, out_dir, on_epoch)
 
 
 def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None) -> dict:
     device = resolve_device(cfg.device)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    precision = resolve_precision(cfg.precision, device)
     budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None
     norm = channel_stats(fs, fs.rows("train")) if cfg.standardize_features else None
     splits = {"train": fs.split("train", device, budget, norm), "test": fs.split("test", device, budget, norm)}
@@ -245,7 +252,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         perm = torch.randperm(len(train), generator=shuffle)
         for start in range(0, len(train), cfg.batch_size):
             v, a, y = train.batch(perm[start:start + cfg.batch_size])
-            with autocast(device, cfg.amp):
+            with autocast(device, precision):
                 out = model(v.to(dtype), a.to(dtype))
             out = type(out)(*(t.to(dtype) for t in out))  # losses in full precision (tau = 0.01 needs it)
             loss, terms = cace_loss(out, y.to(dtype), contrastive=model.bece_enabled,
@@ -266,7 +273,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         train_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         accs = {name: segment_accuracy(p.labels, p.targets)
-                for name, p in ((s, infer(model, splits[s], cfg.eval_batch_size, cfg.amp)) for s in splits
+                for name, p in ((s, infer(model, splits[s], cfg.eval_batch_size, precision)) for s in splits
                                 if s != "train")}
         record = {"epoch": epoch, "lr": lr, "bece": model.bece_enabled,
                   **{k: v / len(train) for k, v in sums.items()}, "train_acc": 100 * correct / max(total, 1),
@@ -288,7 +295,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
 
     best_model, _ = load_model(best_path)
     best_model.to(device=device, dtype=dtype)
-    test_pred = infer(best_model, splits["test"], cfg.eval_batch_size, cfg.amp)
+    test_pred = infer(best_model, splits["test"], cfg.eval_batch_size, precision)
     write_predictions(out_dir / "predictions_test.csv", fs, splits["test"].rows, test_pred)
     test_metrics = localization_metrics(test_pred.labels, test_pred.targets, fs.num_classes, fs.class_names)
     by_test = max(history, key=lambda r: r["test_acc"])
@@ -308,6 +315,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         "train_s_per_epoch": float(np.mean([r["train_s"] for r in history])),
         "eval_s_per_pass": float(np.mean([r["eval_s"] for r in history])) / max(len(splits) - 1, 1),
         "device": str(device),
+        "precision": precision,
         "test": test_metrics,
         "notes": fs.notes,
     }
@@ -381,7 +389,7 @@ def train_seeds(fs: FeatureSet, cfg: TrainConfig, seeds: list[int], root: Path, 
 
 # ---- evaluation ---------------------------------------------------------------------------------------------------
 def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: str = "auto",
-             dtype: str = "float32", batch_size: int = 64, bece: bool | None = None,
+             dtype: str = "float32", precision: str = "auto", batch_size: int = 64, bece: bool | None = None,
              out_dir: Path | None = None) -> dict:
     """Metrics of a checkpoint (ours or the reference's) on one split; writes predictions when out_dir is given."""
     dev = resolve_device(device)
@@ -390,9 +398,10 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
     model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
     data = fs.split(split, dev, norm=FeatureNorm.from_dict(info.get("feature_norm")))
     t0 = time.perf_counter()
-    p = infer(model, data, batch_size)
+    used = resolve_precision(precision, dev)
+    p = infer(model, data, batch_size, used)
     metrics = localization_metrics(p.labels, p.targets, fs.num_classes, fs.class_names)
-    metrics.update(split=split, eval_s=time.perf_counter() - t0, checkpoint=str(checkpoint),
+    metrics.update(split=split, precision=used, eval_s=time.perf_counter() - t0, checkpoint=str(checkpoint),
                    checkpoint_epoch=info.get("epoch"), notes=fs.notes)
     if out_dir is not None:
         write_predictions(Path(out_dir) / f"predictions_{split}.csv", fs, data.rows, p)
@@ -404,6 +413,8 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
 def evaluate_stage(checkpoint: Path, fs: FeatureSet, root: Path, split: str = "test", *, force: bool = False,
                    **kw) -> TrainResult:
     store = ArtifactStore(root)
+    # the precision that runs enters the key (auto resolved on this device), the device itself does not
+    kw["precision"] = resolve_precision(kw.get("precision", "auto"), resolve_device(kw.get("device", "auto")))
     run = store.open("evaluate", VERSION, {"split": split, **{k: v for k, v in kw.items() if k != "device"}},
                      {"checkpoint": file_sha256(checkpoint), **fs.digests})
     if run.is_complete and not force:

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.runtime import configure_process
+
+configure_process()  # as the CLI and the flows do, before any torch work
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AVEL_SHARED", REPO.parent / "shared"))
 

@@ -46,8 +46,8 @@ class TinyVisual(Extractor):
 
     name, modality, output_file = "tiny-visual", "visual", "visual.h5"
 
-    def __init__(self, weights=None, *, random_init=True, seed=0, device="cpu", autocast=True, frames_per_segment=2):
-        super().__init__(weights, random_init=random_init, seed=seed, device=device, autocast=autocast)
+    def __init__(self, weights=None, *, random_init=True, seed=0, device="cpu", precision="auto", frames_per_segment=2):
+        super().__init__(weights, random_init=random_init, seed=seed, device=device, precision=precision)
         self.weights = _tiny_weights(self.name, seed)
         self.units_per_segment, self.segment_shape = frames_per_segment, (2, 2, 8)
         self.kernel = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
@@ -71,8 +71,8 @@ class TinyAudio(Extractor):
 
     name, modality, output_file = "tiny-audio", "audio", "audio.h5"
 
-    def __init__(self, weights=None, *, random_init=True, seed=0, device="cpu", autocast=True, **_):
-        super().__init__(weights, random_init=random_init, seed=seed, device=device, autocast=autocast)
+    def __init__(self, weights=None, *, random_init=True, seed=0, device="cpu", precision="auto", **_):
+        super().__init__(weights, random_init=random_init, seed=seed, device=device, precision=precision)
         self.weights = _tiny_weights(self.name, seed)
         self.units_per_segment, self.segment_shape = 1, (16,)
         self.w = torch.randn(32, 16, generator=torch.Generator().manual_seed(seed + 1))
