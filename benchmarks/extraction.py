@@ -16,6 +16,11 @@ of the time and both pipelines run at its speed; on a GPU the network is fast an
 Besides wall time it reports CPU milliseconds per frame (all threads, and our decoding workers), which a busy
 shared machine disturbs less than wall time and which says how many cores a given frame rate needs.
 
+Precision (`precision`): the ResNet-50 trunk alone (fp32 contiguous, fp32 channels_last, bf16 channels_last, batch
+16 at 224 px), then our visual stage on the same videos at each precision (fp32, bf16 autocast): frames/s, the
+speed-up, and each row's cosine similarity to the fp32 features. bf16 is compared by default only where the device
+has native bf16 (CUDA, or a CPU with AMX/AVX512-BF16); `--precisions fp32,bf16` forces it (slow where emulated).
+
 Memory: the whole stage (both encoders) runs in a child process on 10 and on 100 generated videos. By default
 it decodes in that process (`--memory-workers 0`), so the child's high-water RSS (`ru_maxrss`) is exact; the PSS
 of the process tree is also sampled every 0.1 s (with decoding workers, PSS counts their shared pages once). The
@@ -23,11 +28,13 @@ reference would hold an [N,10,7,7,2048] float array (16.6 GB for AVE's 4143 rows
 
     python benchmarks/extraction.py                                   # CPU-sized defaults (F=2, 8 videos)
     python benchmarks/extraction.py --frames-per-segment 16 --videos 50 --memory 10,100   # a GPU machine
+    python benchmarks/extraction.py --skip visual,audio,datapath,memory --precisions fp32,bf16   # precision only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -65,23 +72,25 @@ def sync(device):
 
 
 # ---- ours -------------------------------------------------------------------------------------------------------
-def run_ours(dataset: Path, modality: str, fps_seg: int, device: str, workers: int, batch: int) -> dict:
+def run_ours(dataset: Path, modality: str, fps_seg: int, device: str, workers: int, batch: int,
+             precision: str = "auto", root: Path | None = None) -> dict:
     from pipeline.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(modality=modality, frames_per_segment=fps_seg, random_init=True, device=device,
-                        workers=workers)  # the stage runs one video per forward; `batch` is for the naive path
+                        workers=workers, precision=precision)  # one video per forward; `batch` is the naive path's
     start = {}
 
     def progress(done, total, vid):
         if "t" not in start:  # first call: encoders built, nothing decoded yet
             start["t"], start["cpu"] = time.perf_counter(), cpu_seconds()
 
-    with tempfile.TemporaryDirectory() as root:
+    with (tempfile.TemporaryDirectory() if root is None else contextlib.nullcontext(root)) as where:
         t_all = time.perf_counter()
-        res = extract(dataset, cfg, Path(root), progress=progress)[modality]
+        res = extract(dataset, cfg, Path(where), progress=progress, force=True)[modality]
         t1, c1 = time.perf_counter(), cpu_seconds()
         m = res.manifest
-    return {"seconds": t1 - start["t"], "seconds_with_model_build": t1 - t_all,
+    return {"seconds": t1 - start["t"], "seconds_with_model_build": t1 - t_all, "path": str(res.path),
+            "precision": m.metrics["encoder"]["precision"],
             "cpu_s": c1 - start["cpu"] + ours_worker_cpu(m, workers),
             "encode_s": m.timings.get("encode_s"), "decode_wait_s": m.timings.get("decode_wait_s"),
             "videos": m.metrics["videos"]}
@@ -91,6 +100,68 @@ def ours_worker_cpu(manifest, workers: int) -> float:
     """CPU time of the decoding workers (they are children of a fork server, invisible to RUSAGE_CHILDREN); with
     workers=0 the decoding already counts as this process's CPU time."""
     return float(manifest.timings.get("decode_cpu_s") or 0.0) if workers else 0.0
+
+
+# ---- precision: fp32 against bf16 autocast ----------------------------------------------------------------------
+def trunk_speed(device: torch.device, precisions: list[str], batch: int = 16, repeats: int = 3) -> dict:
+    """ResNet-50 up to layer4 alone, [batch,3,224,224]: fp32 contiguous, fp32 channels_last, bf16 channels_last
+    (frames/s, best of `repeats` after one warm-up forward)."""
+    import torchvision
+
+    from pipeline.runtime import autocast
+
+    model = torchvision.models.resnet50(weights=None)
+    trunk = torch.nn.Sequential(*list(model.children())[:-2]).eval().to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    out = {}
+    for name, layout, precision in (("fp32 contiguous", torch.contiguous_format, "fp32"),
+                                    ("fp32 channels_last", torch.channels_last, "fp32"),
+                                    ("bf16 channels_last", torch.channels_last, "bf16")):
+        if precision not in precisions:
+            continue
+        trunk.to(memory_format=layout)
+        xx = x.contiguous(memory_format=layout)
+        times = []
+        with torch.inference_mode(), autocast(device, precision):
+            for i in range(repeats + 1):
+                sync(device)
+                t0 = time.perf_counter()
+                trunk(xx)
+                sync(device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+        out[name] = round(batch / min(times), 2)
+        print(json.dumps({"trunk_frames_per_s": {name: out[name]}}), flush=True)
+    return out
+
+
+def precision_comparison(dataset: Path, fps_seg: int, device: str, workers: int, precisions: list[str]) -> dict:
+    """Our visual stage at each precision on the same videos: frames/s, and the per-row cosine similarity of each
+    precision's features to the fp32 ones (min and mean over every row's [10,7,7,2048] block, flattened)."""
+    import h5py
+
+    from pipeline.runtime import cpu_bf16_flags
+
+    n_videos = len(ave.load_dataset(dataset).video_ids())
+    out = {"cpu_bf16_flags": cpu_bf16_flags(), "runs": {}}
+    with tempfile.TemporaryDirectory() as root:
+        for precision in precisions:
+            r = run_ours(dataset, "visual", fps_seg, device, workers, 0, precision, Path(root) / precision)
+            out["runs"][precision] = {"frames_per_s": round(n_videos * 10 * fps_seg / r["seconds"], 2),
+                                      "seconds": round(r["seconds"], 2), "path": r["path"]}
+            print(json.dumps({"precision": {precision: out["runs"][precision]}}), flush=True)
+        if "fp32" in out["runs"]:
+            with h5py.File(out["runs"]["fp32"]["path"]) as f:
+                ref = torch.from_numpy(f["avadataset"][:]).flatten(1).double()
+            for precision, run in out["runs"].items():
+                with h5py.File(run["path"]) as f:
+                    x = torch.from_numpy(f["avadataset"][:]).flatten(1).double()
+                cos = torch.nn.functional.cosine_similarity(x, ref, dim=1)
+                run.update(min_row_cosine_to_fp32=float(cos.min()), mean_row_cosine_to_fp32=float(cos.mean()),
+                           speedup_vs_fp32=round(out["runs"]["fp32"]["seconds"] / run["seconds"], 2))
+        for run in out["runs"].values():
+            run.pop("path")
+    return out
 
 
 # ---- naive ------------------------------------------------------------------------------------------------------
@@ -317,7 +388,12 @@ def main() -> None:
                    help="where generated videos are kept between runs")
     p.add_argument("--datapath-frames-per-segment", type=int, default=16,
                    help="frames per segment for the data-path-only comparison (decode + preprocessing, no network)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: visual,audio,datapath,memory")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: visual,audio,datapath,memory,"
+                                              "precision")
+    p.add_argument("--precisions", default=None, help="precisions compared in the `precision` part (default: "
+                                                      "fp32,bf16 where the device has native bf16, else fp32)")
+    p.add_argument("--precision-videos", type=int, default=None, help="videos for the precision part (default "
+                                                                      "--videos)")
     p.add_argument("--repeats", type=int, default=3, help="runs per method, alternating; the fastest counts "
                                                           "(the first run of a process pays warm-up)")
     args = p.parse_args()
@@ -330,6 +406,15 @@ def main() -> None:
     print(json.dumps(report), flush=True)
     ds = make_dataset(args.work, args.videos)
     frames = args.videos * 10 * F
+    if "precision" not in skip:
+        from pipeline.runtime import fast_bf16
+
+        precisions = (args.precisions.split(",") if args.precisions else
+                      ["fp32", "bf16"] if fast_bf16(device) else ["fp32"])
+        report["trunk_frames_per_s"] = trunk_speed(device, precisions)
+        pds = make_dataset(args.work, args.precision_videos) if args.precision_videos else ds
+        report["precision"] = precision_comparison(pds, F, str(device), args.workers, precisions)
+        print(json.dumps({"precision": report["precision"]}), flush=True)
     if "visual" not in skip:
         naive, ours = alternate(args.repeats, lambda: naive_visual(ds, F, device),
                                 lambda: run_ours(ds, "visual", F, str(device), args.workers, args.batch))

@@ -47,7 +47,9 @@ class ResNet50Extractor(Extractor):
 
     def __init__(self, weights: Path | None = None, *, random_init: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", precision: str = "auto", frames_per_segment: int = 16,
-                 prepare_chunk: int = 64):
+                 crop_size: int | None = None, prepare_chunk: int = 64):
+        """`crop_size`: None = the weights' own 224-px center crop after a 232-px resize; a smaller crop (a CPU
+        demo's knob, not the paper's) resizes in proportion (crop * 232/224) and gives ceil(crop/32)^2 maps."""
         super().__init__(weights, random_init=random_init, seed=seed, device=device, precision=precision)
         if frames_per_segment < 1:
             raise ValueError(f"frames_per_segment must be >= 1, got {frames_per_segment}")
@@ -66,6 +68,11 @@ class ResNet50Extractor(Extractor):
         self.model.to(memory_format=torch.channels_last)
         spec = preprocessing_spec()
         self.resize_size, self.crop_size = spec["resize_size"], spec["crop_size"]
+        if crop_size is not None:
+            if crop_size < STRIDE:
+                raise ValueError(f"crop_size must be at least {STRIDE} px, got {crop_size}")
+            scale = spec["resize_size"][0] / spec["crop_size"][0]
+            self.resize_size, self.crop_size = [int(round(crop_size * scale))], [crop_size, crop_size]
         self.interpolation, self.antialias = spec["interpolation"], spec["antialias"]
         self.mean, self.std = spec["mean"], spec["std"]
         self.units_per_segment = frames_per_segment

@@ -85,6 +85,8 @@ class ExtractConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="compute precision of the encoders: auto = bf16 autocast where the device has native "
                             "bf16 (CUDA; a CPU with AMX/AVX512-BF16), else fp32. Features are stored as `dtype`")
+    crop_size: int | None = Field(None, ge=32, description="visual center crop in px; None = the ImageNet weights' "
+                                                          "224 (after a 232 resize). Smaller: a CPU demo's knob")
     threads: int = Field(0, ge=0, description="CPU threads of the encoders' forward (0: torch's default, the "
                                               "machine's cores); a resumed run uses the one its partial file records")
     workers: int = Field(2, ge=0, description="decoding processes (0: decode in the main process)")
@@ -147,6 +149,8 @@ def key_config(cfg: ExtractConfig, modality: str, device: torch.device) -> dict:
            "window_start": 0, "segments": ave.SEGMENTS}
     if modality == "visual":
         out["frames_per_segment"] = cfg.frames_per_segment
+        if cfg.crop_size is not None:
+            out["crop_size"] = cfg.crop_size
     else:
         out["sample_rate"] = media.SAMPLE_RATE
     return out
@@ -495,7 +499,8 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
         # every encoder is built (and its weight file checked) before any stage folder is touched
         extractors[m] = create_extractor(cfg.encoder(m), weights=weights.path, random_init=weights.random_init,
                                          seed=cfg.seed, device=device, precision=config["precision"],
-                                         frames_per_segment=cfg.frames_per_segment)
+                                         frames_per_segment=cfg.frames_per_segment,
+                                         **({"crop_size": cfg.crop_size} if m == "visual" and cfg.crop_size else {}))
 
     sinks: dict[str, _Sink] = {}
     try:
@@ -515,6 +520,8 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
                      "torch_threads": cfg.threads or default_threads()}
             if m == "visual":
                 attrs["frames_per_segment"] = cfg.frames_per_segment
+                if hasattr(extractor, "crop_size"):  # what predict must rebuild the encoder with
+                    attrs["crop_size"] = int(extractor.crop_size[0])
             else:
                 attrs["sample_rate"] = media.SAMPLE_RATE
             run.manifest.metrics["encoder"] = extractor.describe()

@@ -100,6 +100,7 @@ class EncoderPlan:
     sha256: str | None
     seed: int
     frames_per_segment: int | None
+    crop_size: int | None  # the visual center crop the features were made with (None: the weights' 224)
     dtype: str
     precision: str
     source: str  # how the weights were found (explicit file, store, default location, random init + seed origin)
@@ -204,7 +205,9 @@ def plan_encoder(modality: str, attrs: dict, explicit: Path | None, roots: Seque
     sha = attrs.get("weights_sha256")
     random_init = bool(attrs.get("random_init")) or sha == RANDOM_INIT
     fps = attrs.get("frames_per_segment")
+    crop = attrs.get("crop_size")
     common = dict(modality=modality, encoder=str(encoder), frames_per_segment=int(fps) if fps else None,
+                  crop_size=int(crop) if crop and modality == "visual" else None,
                   dtype=str(attrs.get("dtype", "float32")), precision=str(attrs.get("precision", "fp32")))
     flag = WEIGHT_FLAGS.get(str(encoder), f"--{modality} weights")
     if modality == "audio" and attrs.get("sample_rate") not in (None, media.SAMPLE_RATE):
@@ -294,6 +297,8 @@ class Localizer:
                           precision=precision or recorded_precision(plan.precision))
             if m == "visual":
                 kwargs["frames_per_segment"] = plan.frames_per_segment or media.FRAMES_PER_SEGMENT
+                if plan.crop_size:
+                    kwargs["crop_size"] = plan.crop_size
             ext = create_extractor(plan.encoder, **kwargs)
             if ext.modality != m:
                 raise UserError(f"the checkpoint's {m} encoder {plan.encoder!r} is a {ext.modality} encoder")

@@ -455,3 +455,18 @@ def test_cnn14_checkpoint_loads(tmp_path):
     torch.save({"model": {k: v for k, v in src.model.state_dict().items() if not k.startswith("fc1.")}}, bad)
     with pytest.raises(UserError, match="does not fit Cnn14.*missing.*fc1"):
         create_extractor("cnn14", weights=bad)
+
+
+def test_smaller_crops_give_smaller_maps_and_their_own_key():
+    from extractors.resnet50 import ResNet50Extractor
+    from pipeline.extract import ExtractConfig, key_config
+
+    ext = ResNet50Extractor(random_init=True, device="cpu", frames_per_segment=1, crop_size=64)
+    assert ext.segment_shape == (2, 2, 2048) and ext.resize_size == [66] and ext.crop_size == [64, 64]
+    frames = np.zeros((2, 120, 160, 3), np.uint8)
+    assert ext.extract(frames).shape == (2, 2, 2, 2048)
+    cpu = torch.device("cpu")
+    assert key_config(ExtractConfig(crop_size=64), "visual", cpu) != key_config(ExtractConfig(), "visual", cpu)
+    assert key_config(ExtractConfig(crop_size=64), "audio", cpu) == key_config(ExtractConfig(), "audio", cpu)
+    with pytest.raises(ValueError, match="at least 32"):
+        ResNet50Extractor(random_init=True, device="cpu", crop_size=16)

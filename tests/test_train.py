@@ -181,3 +181,13 @@ def test_labels_and_annotations_that_disagree_fail_before_training(folder):
     _write_labels(folder, 5)  # 5 classes in labels.h5, 3 named in Annotations.txt
     with pytest.raises(UserError, match="5 classes \\+ background, but .*Annotations.txt names 3"):
         from_public_folder(folder)
+
+
+def test_bf16_autocast_training_learns_and_records_its_precision(tmp_path, folder):
+    fs = from_public_folder(folder)
+    out = tmp_path / "run"
+    out.mkdir()
+    history = []
+    summary = train_model(fs, tiny_cfg(epochs=40, clip_grad=None, precision="bf16"), out, on_epoch=history.append)
+    assert summary["precision"] == "bf16"
+    assert max(r["train_acc"] for r in history[-5:]) >= 95.0
