@@ -95,13 +95,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def precision_note(name: str, device: torch.device) -> str:
-    """One line saying which precision runs and why (for the terminal and the manifests)."""
+    """One line saying which precision runs and why (for the terminal)."""
     used = resolve_precision(name, device)
     if device.type == "cpu":
         flags = cpu_bf16_flags()
         why = f"CPU has {', '.join(flags)}" if flags else "CPU has no AMX/AVX512-BF16 (bf16 would be emulated)"
     else:
         why = "CUDA bf16 " + ("supported" if fast_bf16(device) else "not supported")
+    if used == "bf16" and not fast_bf16(device):
+        why += ": expect it several times slower than fp32 (measured 10x for ResNet-50 on an AVX2 CPU)"
     return f"precision {used} ({'auto: ' if name == 'auto' else 'asked; '}{why})"
 
 
