@@ -406,7 +406,11 @@ class AudioVisualRNN(nn.Module):
                                   batch_first=True, bidirectional=True)
 
     def forward(self, audio: Tensor, visual: Tensor) -> tuple[Tensor, Tensor]:
-        return self.audio_rnn(audio)[0], self.visual_rnn(visual)[0]
+        # In the weights' dtype even under bf16 autocast: oneDNN has no bf16 LSTM on CPUs without bf16 units
+        # ("could not create a primitive descriptor for the LSTM forward"), and the LSTMs are ~1 % of the step.
+        with torch.autocast(audio.device.type, enabled=False):
+            dtype = self.audio_rnn.weight_ih_l0.dtype
+            return self.audio_rnn(audio.to(dtype))[0], self.visual_rnn(visual.to(dtype))[0]
 
 
 class AudioVideoInter(nn.Module):

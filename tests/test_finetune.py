@@ -31,7 +31,7 @@ from pipeline.synth import SynthConfig, generate_dataset
 
 AUDIO_DIM = 64  # not Cnn14's 2048: the dims come from the feature file
 CFG = FinetuneConfig(epochs=3, batch_size=4, lr=0.05, milestones=[1, 2], crop_size=64, frames_per_video=2,
-                     trainable_stages=["layer4"], workers=0, seed=1)
+                     trainable_stages=["layer4"], workers=0, seed=1, precision="fp32")  # fp32 on any CPU
 
 
 @pytest.fixture(scope="module")

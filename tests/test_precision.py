@@ -23,6 +23,13 @@ def test_cpu_bf16_units_are_read_from_the_flags():
     assert runtime.cpu_bf16_flags("") == []
 
 
+def test_the_flags_can_be_stood_in_for(monkeypatch):
+    monkeypatch.setenv("AVEL_CPU_FLAGS", "avx2 amx_bf16")
+    assert runtime.cpu_bf16_flags() == ["amx_bf16"] and runtime.resolve_precision("auto", CPU) == "bf16"
+    monkeypatch.setenv("AVEL_CPU_FLAGS", "")
+    assert runtime.cpu_bf16_flags() == [] and runtime.resolve_precision("auto", CPU) == "fp32"
+
+
 @pytest.mark.parametrize("flags,auto", [([], "fp32"), (["amx_bf16"], "bf16"), (["avx512_bf16"], "bf16")])
 def test_auto_resolves_by_the_cpu_and_explicit_choices_stay(monkeypatch, flags, auto):
     monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda cpuinfo=None: flags)
@@ -103,3 +110,14 @@ def test_heap_allocations_change_no_number():
     with runtime.heap_allocations():
         heap = (a @ a.T).sum()
     assert torch.equal(plain, heap)
+
+
+def test_full_size_localizer_runs_under_bf16_autocast_on_any_cpu():
+    """oneDNN has no bf16 LSTM on CPUs without bf16 units: the LSTMs stay in fp32 under autocast."""
+    from models import CACEConfig, CACENet
+
+    torch.manual_seed(0)
+    model = CACENet(CACEConfig(num_classes=3)).eval()
+    with torch.no_grad(), runtime.autocast(CPU, "bf16"):
+        out = model(torch.randn(2, 10, 7, 7, 512), torch.randn(2, 10, 128))
+    assert out.event_scores.shape == (2, 3) and torch.isfinite(out.event_scores.float()).all()
