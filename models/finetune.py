@@ -101,7 +101,7 @@ class AudioVisualContrastive(nn.Module):
             getattr(self.trunk, name).requires_grad_(name in self.trainable_stages)
         # the first trunk child that trains: everything before it runs without autograd
         self._first_trainable = min(TRUNK_CHILDREN.index(n) for n in self.trainable_stages)
-        self.channels_last = False  # set True (and convert the trunk) where NHWC convolutions are faster (CUDA)
+        self.channels_last = False  # set True (and convert the trunk) for NHWC convolutions (the stage does)
         self.train()
 
     # ---- modes --------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Two stages in the store, `extract_visual` and `extract_audio`, so a fine-tuned visual encoder changes only the
 visual key (the audio features are reused untouched). A stage's key digests the dataset (`AVEDataset.digest()`),
 the weights (the file's sha256, or `random-init:<seed>`) and the config fields that change the numbers (encoder,
-frames per segment, dtype, the precision that runs, `auto` resolved: "fp32" or "bf16" autocast); workers, threads and the device do not enter it.
+frames per segment, crop, dtype, the precision that runs with `auto` resolved: "fp32" or "bf16" autocast); workers,
+threads and the device do not enter it.
 
 Output (what the public CACE-Net / AVE code reads unchanged): dataset `avadataset`, row i = Annotations.txt line i,
 chunked by row, float32 (or float16). Beside it: `valid` [N] bool (False for rows whose video failed; their
@@ -57,7 +58,9 @@ from pipeline.store import ArtifactStore, Manifest, StageRun, stage_key
 
 log = logging.getLogger(__name__)
 
-VERSION = "2"  # 2: encoders in channels_last (other fp32 bits). Bump when the output for the same inputs changes (sampler, length rule, layout)
+# Bump when the output for the same inputs changes (sampler, length rule, layout). 2: encoders in channels_last
+# (other fp32 bits)
+VERSION = "2"
 MODALITIES = ("visual", "audio")
 STAGES = {"visual": "extract_visual", "audio": "extract_audio"}
 OUTPUT_FILES = {"visual": "visual.h5", "audio": "audio.h5"}
