@@ -508,7 +508,8 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
         term.print(f"pipeline: dataset {cfg.dataset.path or 'synthetic ' + str(dict(cfg.dataset.synth))}, store "
                    f"{cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"), highlight=False, soft_wrap=True)
         precisions = _stage_precisions(cfg)
-        term.print(precisions, highlight=False, soft_wrap=True)
+        term.print("; ".join(note if stage == "all" else f"{stage}: {note}" for stage, note in precisions.items()),
+                   highlight=False, soft_wrap=True)
         term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
                    highlight=False)
         with use_reporter(RichReporter(term)):
@@ -531,19 +532,20 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
                 term.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
         term.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
                    f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s, "
-                   f"{precisions.split(' (')[0]}"
+                   f"precision {'/'.join(sorted({note.split()[1] for note in precisions.values()}))}"
                    + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
 
 
-def _stage_precisions(cfg) -> str:
-    """"precision fp32 (auto: ...)" when every stage runs the same one, else one entry per stage."""
+def _stage_precisions(cfg) -> dict[str, str]:
+    """What each stage runs, as runtime.precision_note says it ("precision fp32 (auto: ...)"); one entry for all
+    of them when they agree."""
     from pipeline.runtime import precision_note, resolve_device
 
     notes = {stage: precision_note(getattr(cfg, stage).precision, resolve_device(getattr(cfg, stage).device))
              for stage in ("extract", "finetune", "train")}
     if len(set(notes.values())) == 1:
-        return next(iter(notes.values())) + " for extraction, fine-tuning and training"
-    return "; ".join(f"{stage}: {note}" for stage, note in notes.items())
+        return {"all": next(iter(notes.values())) + " for extraction, fine-tuning and training"}
+    return notes
 
 
 VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's own log lines in the terminal (default: "
