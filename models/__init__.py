@@ -1,4 +1,5 @@
-"""nn.Modules and losses only: the CACE-Net localizer and its losses (no file I/O here)."""
+"""nn.Modules and losses only (no file I/O here): the localizers behind one registry (CACE-Net, AVE-CLIP), their
+losses, and the fine-tuning heads."""
 
 from .cace import (
     GUIDE_MODES,
@@ -13,6 +14,14 @@ from .cace import (
     load_reference_state_dict,
     predict,
     resolve_guide,
+)
+from .registry import (  # noqa: F401  (the localizer interface)
+    LocalizerFamily,
+    SegmentPrediction,
+    create_localizer,
+    family_of,
+    get_family,
+    list_localizers,
 )
 from .finetune import RESNET_STAGES, AudioVisualContrastive, ProjectionHead  # noqa: F401  (fine-tuning)
 from .losses import (

@@ -675,3 +675,65 @@ def load_reference_state_dict(model: CACENet, obj: Any) -> CACENet:
                          + ("; hint: " + "; ".join(hints) if hints else ""))
     model.load_state_dict(state, strict=True)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# The family: what the training harness, evaluate and predict call (models.registry)
+# --------------------------------------------------------------------------------------------
+from .registry import LocalizerFamily, SegmentPrediction  # noqa: E402  (registry imports this module lazily)
+
+
+class CACEFamily(LocalizerFamily):
+    name = "cace"
+    summary = "CACE-Net (ACM MM 2024): co-guidance attention + background-event contrastive enhancement"
+    config_cls = CACEConfig
+    model_cls = CACENet
+
+    def begin_epoch(self, model: CACENet, epoch: int, options: Mapping[str, Any]) -> None:
+        """BECE (the contrastive loss and lambda-mixing in the event head) from epoch `bece_start`, default
+        ceil(epochs / 8) as the reference; it stays on for evaluation."""
+        start = options.get("bece_start")
+        start = -(-int(options.get("epochs", 1)) // 8) if start is None else int(start)
+        model.bece_enabled = bool(options.get("contrastive", True)) and epoch >= start
+
+    def epoch_flags(self, model: CACENet) -> dict:
+        return {"bece": model.bece_enabled}
+
+    def loss(self, model: CACENet, out: CACEOutput, labels: Tensor, options: Mapping[str, Any]):
+        from .losses import cace_loss
+
+        return cace_loss(out, labels, contrastive=model.bece_enabled,
+                         contrastive_coeff=options.get("contrastive_coeff", 1.0),
+                         temperature=options.get("temperature", 0.01))
+
+    def predict(self, model: CACENet, out: CACEOutput, postprocessed: bool = True) -> SegmentPrediction:
+        p = predict(out)
+        class_prob = out.event_scores.float().softmax(-1).max(-1).values
+        return SegmentPrediction(p.labels, p.event_prob, p.video_class, class_prob)
+
+    def runtime_state(self, model: CACENet) -> dict:
+        return {"bece_enabled": bool(model.bece_enabled)}
+
+    def restore_runtime_state(self, model: CACENet, state: Mapping[str, Any]) -> None:
+        # The reference evaluates with its contrastive switch on (spec §3.2): on unless recorded otherwise.
+        model.bece_enabled = bool(state.get("bece_enabled", True))
+
+    def load_weights(self, model: CACENet, obj: Any) -> CACENet:
+        return load_reference_state_dict(model, obj)
+
+    def foreign_config(self, obj: Any) -> CACEConfig:
+        """The config of the released checkpoint (or any reference-format state dict), read from its shapes."""
+        state = extract_state_dict(obj)
+        if "v_fc.weight" not in state:
+            raise ValueError("no v_fc.weight: this is not a CACE-Net localizer checkpoint")
+        if any(k.startswith("spatial_channel_att.video_query2") for k in state):
+            guide = "co"
+        elif any(k.startswith("spatial_channel_att.") for k in state):
+            guide = "visual_guides_audio"
+        else:
+            guide = "none"
+        return CACEConfig(video_dim=state["v_fc.weight"].shape[1], audio_dim=state["a_fc.weight"].shape[1],
+                          num_classes=state["localize_module.event_classifier.weight"].shape[0], guide=guide)
+
+
+FAMILY = CACEFamily()

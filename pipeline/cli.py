@@ -181,18 +181,19 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
           visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
           config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
           epochs: Optional[int] = typer.Option(None, help="Epochs (reference: 200)."),
+          model: Optional[str] = typer.Option(None, "--model", help="Localizer: cace (default) or aveclip."),
           seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 1,2,3: mean and std."),
           select_on: Optional[str] = typer.Option(None, "--select-on", help="val (default) or test (reference)."),
           device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
           precision: Optional[str] = PrecisionOption,
           force: bool = typer.Option(False, help="Retrain even if this config was trained before.")):
-    """Train the CACE localizer (reference recipe by default) and report val-selected test accuracy."""
+    """Train a localizer (CACE with its reference recipe by default) and report val-selected test accuracy."""
     from rich.progress import Progress
 
     from pipeline.config import load_config
     from pipeline.train import TrainConfig, train_seeds
 
-    overrides = list(set_) + [f"{k}={v}" for k, v in (("epochs", epochs), ("select_on", select_on),
+    overrides = list(set_) + [f"{k}={v}" for k, v in (("model", model), ("epochs", epochs), ("select_on", select_on),
                                                       ("device", device), ("precision", precision)) if v is not None]
     cfg = load_config(TrainConfig, config, overrides, section="train")
     fs = _feature_set(features, dataset, visual, audio, root)
@@ -200,8 +201,9 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
     for note in fs.notes:
         console.print(f"[bold red]{note}[/bold red]")
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    console.print(f"localizer: {cfg.model}", highlight=False)
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("training", total=cfg.epochs * len(seed_list))
+        task = progress.add_task(f"training {cfg.model}", total=cfg.epochs * len(seed_list))
 
         def on_epoch(r):
             progress.update(task, advance=1, description=f"epoch {r['epoch']}: loss {r['loss']:.3f} "
@@ -216,10 +218,66 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
                       f"  best-on-test (reference protocol, optimistic): {m['best_on_test_accuracy']:.2f} % "
                       f"(epoch {m['best_on_test_epoch']}); last epoch: {m['last_epoch_test_accuracy']:.2f} %; "
                       f"all-background baseline {m['all_background_accuracy']:.2f} %")
+        if "test_accuracy_without_postprocess" in m:
+            console.print(f"  without post-processing: {m['test_accuracy_without_postprocess']:.2f} % "
+                          f"(post-processing {'on' if m['postprocess'] else 'off'} in the number above)")
     if len(results) > 1:
         console.print(f"{summary['label']}: {summary['test_accuracy_mean']:.2f} +- {summary['test_accuracy_std']:.2f} % "
                       f"over seeds {summary['seeds']}")
     console.print(f"test accuracy: {summary['test_accuracy_mean']:.2f} %")
+
+
+@app.command()
+def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = DatasetOpt,
+            visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
+            config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
+            models: str = typer.Option("cace,aveclip", "--models", help="Comma-separated localizer names."),
+            seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
+            epochs: Optional[int] = typer.Option(None, help="Epochs for every model."),
+            out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/json (default: "
+                                                                   "ROOT/compare/<models>-<features>)."),
+            device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+            precision: Optional[str] = PrecisionOption,
+            force: bool = typer.Option(False, help="Retrain runs that exist.")):
+    """Localizers side by side on the same features, splits, seeds and recipe: accuracy, event F1, size, speed."""
+    import hashlib
+    import json
+
+    from rich.progress import Progress
+
+    from models import list_localizers
+    from pipeline import compare as cmp
+    from pipeline.config import load_config
+    from pipeline.train import TrainConfig
+
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in list_localizers()]
+    if unknown or not names:
+        raise UserError(f"--models {models!r}: unknown {unknown}; known: {', '.join(list_localizers())}")
+    seed_list = [int(x) for x in seeds.split(",")]
+    overrides = list(set_) + [f"{k}={v}" for k, v in (("epochs", epochs), ("device", device),
+                                                      ("precision", precision)) if v is not None]
+    base = load_config(TrainConfig, config, overrides, section="train")
+    fs = _feature_set(features, dataset, visual, audio, root)
+    _print_precision(base.precision, base.device)
+    for note in fs.notes:
+        console.print(f"[bold red]{note}[/bold red]")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("comparing", total=base.epochs * len(seed_list) * len(names))
+        current = {}
+
+        def on_run(name, seed):
+            current.update(name=name, seed=seed)
+
+        def on_epoch(r):
+            progress.update(task, advance=1, description=f"{current['name']} seed {current['seed']} epoch "
+                            f"{r['epoch']}: loss {r['loss']:.3f} val {r.get('val_acc', float('nan')):.2f} %")
+
+        rows = cmp.compare(fs, base, names, seed_list, root, force=force, on_run=on_run, on_epoch=on_epoch)
+    digest = hashlib.sha256(json.dumps(fs.digests, sort_keys=True).encode()).hexdigest()[:12]
+    md, _ = cmp.write_report(rows, out or root / "compare" / f"{'-'.join(names)}-{digest}", list(fs.notes))
+    console.print(cmp.markdown_table(rows), highlight=False, soft_wrap=True)
+    console.print(f"wrote {md}")
 
 
 @app.command()
@@ -241,6 +299,8 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
     result = evaluate_stage(checkpoint, fs, root, split, dtype=dtype, device=device, precision=precision)
     m = result.metrics
     console.print(f"{'reused' if result.reused else 'wrote'} {result.dir}")
+    if "accuracy_without_postprocess" in m:
+        console.print(f"{m['model']}: without post-processing {m['accuracy_without_postprocess']:.2f} %")
     console.print(f"event segments: precision {m['event']['precision']:.2f} %, recall {m['event']['recall']:.2f} %, "
                   f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %")
     console.print(f"{split} accuracy: {m['accuracy']:.2f} %")

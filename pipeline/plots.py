@@ -275,7 +275,7 @@ def timeline_png(path: Path, frames: np.ndarray | None, audio: np.ndarray | None
 
 
 # ---- training -----------------------------------------------------------------------------------------------------
-NOT_LOSSES = {"epoch", "lr", "bece", "train_acc", "train_s", "eval_s"}
+NOT_LOSSES = {"epoch", "lr", "bece", "stage", "train_acc", "train_s", "eval_s"}
 
 
 def _read_history(metrics_csv: Path) -> list[dict[str, str]]:

@@ -271,6 +271,7 @@ class Localizer:
         self.checkpoint = Path(checkpoint)
         self.device = resolve_device(device)
         self.model, info = load_model(self.checkpoint)
+        self.model_name = info["model"]
         self.model.to(self.device).eval()
         cfg = self.model.cfg
         self.notes: list[str] = []
@@ -340,8 +341,11 @@ class Localizer:
         return [f"class {i}" for i in range(n)]
 
     def describe(self) -> dict:
+        from models import family_of
+
         return {"checkpoint": str(self.checkpoint), "epoch": self.epoch, "device": str(self.device),
-                "classes": self.class_names, "bece_enabled": bool(self.model.bece_enabled),
+                "classes": self.class_names, "model": self.model_name,
+                **family_of(self.model).runtime_state(self.model),
                 "feature_norm": self.norm is not None,
                 "encoders": {m: p.to_dict() for m, p in self.plans.items()},
                 "precision": {m: e.precision for m, e in self.extractors.items()}, "notes": list(self.notes)}
@@ -364,19 +368,17 @@ class Localizer:
     @torch.no_grad()
     def localize(self, v: torch.Tensor, a: torch.Tensor) -> dict:
         """Features of one window [T,...] -> labels [T], event probability [T], video class and its probability."""
-        from models import predict
+        from models import family_of
 
         v, a = v[None].to(self.device), a[None].to(self.device)
         if self.norm is not None:
             v, a = self.norm.apply(v, a)
-        with torch.random.fork_rng(devices=[]):  # the forward draws noise for its contrastive key: keep it seeded
+        with torch.random.fork_rng(devices=[]):  # CACE's forward draws noise for its contrastive key: keep it seeded
             torch.manual_seed(0)
             out = self.model(v, a)
-        p = predict(out)
-        probs = out.event_scores.float().softmax(-1)[0]
-        cls = int(p.video_class[0])
+        p = family_of(self.model).predict(self.model, out)
         return {"labels": p.labels[0].cpu().numpy(), "event_prob": p.event_prob[0].float().cpu().numpy(),
-                "video_class": cls, "class_prob": float(probs[cls])}
+                "video_class": int(p.video_class[0]), "class_prob": float(p.class_prob[0])}
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------

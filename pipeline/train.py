@@ -1,6 +1,7 @@
-"""Training and evaluation of the CACE localizer (the `train` and `evaluate` stages).
+"""Training and evaluation of the AVE localizers (the `train` and `evaluate` stages).
 
-Recipe by default = the reference paper run (spec §3): Adam 7e-4, MultiStepLR [10,20,30] x0.5, 200 epochs,
+The harness talks to a localizer only through its family (`models.registry`: build, loss, per-epoch switches,
+decisions, weights), chosen by `model` (`cace` by default, `aveclip`). The CACE recipe by default = the reference paper run (spec §3): Adam 7e-4, MultiStepLR [10,20,30] x0.5, 200 epochs,
 batch 64, gradient clipping 0.5, the five loss terms, BECE from epoch ceil(epochs/8) with lambda 0.6 and
 coefficient 1.0. What differs, on purpose:
 - the checkpoint is selected on the validation split and its test accuracy reported; `select_on: test`
@@ -15,7 +16,6 @@ metrics.csv, metrics.json and per-segment predictions of the test split.
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,10 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from models import CACEConfig, CACENet, cace_loss, derive_targets, load_reference_state_dict, predict
+from models import derive_targets, family_of, get_family, list_localizers
+from models.registry import LocalizerFamily
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
 from pipeline.features import FeatureNorm, FeatureSet, SplitData, channel_stats
@@ -34,8 +35,9 @@ from pipeline.runtime import (autocast, flush_denormals, heap_allocations, load_
                               resolve_precision, seed_everything)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
-STAGE, VERSION = "train", "2"  # 2: dropout masks drawn from integer bits (models.cace.Dropout)
-CHECKPOINT_FORMAT = "avel-cace/1"
+STAGE, VERSION = "train", "3"  # 2: dropout masks drawn from integer bits (models.cace.Dropout); 3: `model` by name
+CHECKPOINT_FORMAT = "avel-localizer/1"  # records the model's name, its config and its runtime state
+CACE_CHECKPOINT_FORMAT = "avel-cace/1"  # checkpoints written before the registry: always CACE
 
 
 class TrainConfig(StrictModel):
@@ -60,20 +62,33 @@ class TrainConfig(StrictModel):
     # Per-channel z-scores of the inputs, statistics from the train split (saved in the checkpoint). Off in the
     # reference; needed for randomly initialised encoders, whose raw outputs are nearly constant in scale.
     standardize_features: bool = False
-    model: dict[str, Any] = {}  # CACEConfig overrides: guide, psi, lam, alpha, ... (dims come from the features)
+    model: str = "cace"  # the localizer, by name (models.registry): cace, aveclip
+    # The model's config overrides (CACE: guide, psi, lam, ...; AVE-CLIP: window_sizes, postprocess, ...); the dims
+    # come from the features. The fields contrastive, bece_start, contrastive_coeff and temperature are CACE's.
+    model_args: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_overrides_as_before(cls, data: Any) -> Any:
+        """Configs written before the registry gave `model` as the CACE overrides mapping: still accepted."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            data = {**data, "model_args": {**data["model"], **data.get("model_args", {})}, "model": "cace"}
+        return data
 
     @field_validator("model")
     @classmethod
-    def _known_model_fields(cls, value: dict) -> dict:
-        known = set(CACEConfig.__dataclass_fields__)
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown model field(s) {unknown}; known: {', '.join(sorted(known))}")
+    def _known_model(cls, value: str) -> str:
+        if value not in list_localizers():
+            raise ValueError(f"unknown localizer {value!r}; known: {', '.join(list_localizers())}")
         return value
 
-    @property
-    def first_bece_epoch(self) -> int:
-        return self.bece_start if self.bece_start is not None else math.ceil(self.epochs / 8)
+    @model_validator(mode="after")
+    def _known_model_fields(self) -> "TrainConfig":
+        known = set(get_family(self.model).config_cls.__dataclass_fields__)
+        unknown = sorted(set(self.model_args) - known)
+        if unknown:
+            raise ValueError(f"unknown {self.model} model field(s) {unknown}; known: {', '.join(sorted(known))}")
+        return self
 
     def resolved_precision(self) -> str:
         return resolve_precision(self.precision, resolve_device(self.device))
@@ -84,8 +99,9 @@ class TrainConfig(StrictModel):
         return {**fields, "precision": self.resolved_precision()}
 
 
-def model_config(fs: FeatureSet, overrides: dict) -> CACEConfig:
+def model_config(fs: FeatureSet, overrides: dict, family: LocalizerFamily | None = None):
     """Dims come from the features; a conflicting explicit dim is a user error, not a silent mismatch."""
+    family = family or get_family("cace")
     dims = {"video_dim": fs.video_dim, "audio_dim": fs.audio_dim, "num_classes": fs.num_classes}
     for name, actual in dims.items():
         if name in overrides and overrides[name] != actual:
@@ -93,9 +109,9 @@ def model_config(fs: FeatureSet, overrides: dict) -> CACEConfig:
                             f"({fs.visual.path.name}: {list(fs.visual.shape)}, {fs.audio.path.name}: "
                             f"{list(fs.audio.shape)}); remove model.{name} to take it from the features")
     try:
-        return CACEConfig.from_dict({**overrides, **dims})
-    except ValueError as e:
-        raise UserError(f"model config: {e}") from None
+        return family.make_config({**overrides, **dims})
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{family.name} model config: {e}") from None
 
 
 # ---- inference ----------------------------------------------------------------------------------------------------
@@ -107,18 +123,25 @@ class Predictions:
     targets: np.ndarray  # [n,T]
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
 @torch.no_grad()
-def infer(model: CACENet, data: SplitData, batch_size: int, precision: str = "fp32") -> Predictions:
+def infer(model: torch.nn.Module, data: SplitData, batch_size: int, precision: str = "fp32",
+          postprocessed: bool = True) -> Predictions:
+    """Per-second decisions on a split; `postprocessed=False`: the raw decisions of families that post-process."""
     model.eval()
+    family, dtype = family_of(model), model_dtype(model)
     out = {"labels": [], "event_prob": [], "class_prob": [], "targets": []}
     for start in range(0, len(data), batch_size):
         v, a, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
         with autocast(data.device, precision):
-            o = model(v.to(model.v_fc.weight.dtype), a.to(model.v_fc.weight.dtype))
-        p = predict(o)
+            o = model(v.to(dtype), a.to(dtype))
+        p = family.predict(model, o, postprocessed)
         out["labels"].append(p.labels.cpu())
         out["event_prob"].append(p.event_prob.float().cpu())
-        out["class_prob"].append(o.event_scores.float().softmax(-1).max(-1).values.cpu())
+        out["class_prob"].append(p.class_prob.float().cpu())
         out["targets"].append(derive_targets(y).y_eval.cpu())
     cat = {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in out.items()}
     return Predictions(**cat)
@@ -139,47 +162,44 @@ def write_predictions(path: Path, fs: FeatureSet, rows: np.ndarray, p: Predictio
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
-def save_checkpoint(path: Path, model: CACENet, **info: Any) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "state_dict": model.state_dict(), "model_config": model.cfg.to_dict(),
-             "bece_enabled": model.bece_enabled, **info}
+def save_checkpoint(path: Path, model: torch.nn.Module, **info: Any) -> None:
+    family = family_of(model)
+    state = {"format": CHECKPOINT_FORMAT, "model": family.name, "state_dict": model.state_dict(),
+             "model_config": model.cfg.to_dict(), "runtime_state": family.runtime_state(model), **info}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_model(path: Path, bece: bool | None = None) -> tuple[CACENet, dict]:
-    """A CACENet from our checkpoint or the reference's (raw / wrapped state dict, 'module.' prefix).
+def load_model(path: Path, bece: bool | None = None) -> tuple[torch.nn.Module, dict]:
+    """A localizer from our checkpoint (its model name and config are recorded), or a CACE-Net from the reference's
+    (raw / wrapped state dict, 'module.' prefix).
 
     The reference evaluates with its contrastive switch on (spec §3.2), so a reference checkpoint gets
-    bece_enabled=True unless `bece` says otherwise.
+    bece_enabled=True unless `bece` (CACE only) says otherwise.
     """
     obj = load_torch_file(path, "checkpoint")
-    info = obj if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT else {}
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    info = obj if fmt in (CHECKPOINT_FORMAT, CACE_CHECKPOINT_FORMAT) else {}
+    name = info.get("model", "cace")
+    if name not in list_localizers():
+        raise UserError(f"{path}: a checkpoint of localizer {name!r}, which this version does not know (known: "
+                        f"{', '.join(list_localizers())})")
+    family = get_family(name)
     try:
-        cfg = CACEConfig.from_dict(info["model_config"]) if info else _infer_reference_config(obj)
-        model = load_reference_state_dict(CACENet(cfg), obj)
-    except ValueError as e:
+        cfg = family.make_config(info["model_config"]) if info else family.foreign_config(obj)
+        model = family.load_weights(family.build(cfg), obj)
+    except (ValueError, TypeError) as e:
         raise UserError(f"{path}: {e}") from None
-    model.bece_enabled = bool(info.get("bece_enabled", True)) if bece is None else bece
-    return model, info
+    runtime = dict(info.get("runtime_state") or {})
+    if fmt == CACE_CHECKPOINT_FORMAT:
+        runtime["bece_enabled"] = info.get("bece_enabled", True)
+    if bece is not None:
+        runtime["bece_enabled"] = bece
+    family.restore_runtime_state(model, runtime)
+    return model, {**info, "model": name}
 
 
-def _infer_reference_config(obj: Any) -> CACEConfig:
-    from models import extract_state_dict
-
-    state = extract_state_dict(obj)
-    if "v_fc.weight" not in state:
-        raise ValueError("no v_fc.weight: this is not a CACE-Net localizer checkpoint")
-    if any(k.startswith("spatial_channel_att.video_query2") for k in state):
-        guide = "co"
-    elif any(k.startswith("spatial_channel_att.") for k in state):
-        guide = "visual_guides_audio"
-    else:
-        guide = "none"
-    return CACEConfig(video_dim=state["v_fc.weight"].shape[1], audio_dim=state["a_fc.weight"].shape[1],
-                      num_classes=state["localize_module.event_classifier.weight"].shape[0], guide=guide)
-
-
-def check_compatible(model: CACENet, fs: FeatureSet, path: Path) -> None:
+def check_compatible(model: torch.nn.Module, fs: FeatureSet, path: Path) -> None:
     cfg = model.cfg
     for name, have in (("video_dim", fs.video_dim), ("audio_dim", fs.audio_dim), ("num_classes", fs.num_classes)):
         if getattr(cfg, name) != have:
@@ -221,7 +241,9 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
                         "reference's protocol) and read its number as optimistic")
 
     seed_everything(cfg.seed)
-    model = CACENet(model_config(fs, cfg.model)).to(device=device, dtype=dtype)
+    family = get_family(cfg.model)
+    model = family.build(model_config(fs, cfg.model_args, family)).to(device=device, dtype=dtype)
+    options = dump_config(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.lr_gamma)
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -238,14 +260,14 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         torch.set_rng_state(state["torch_rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
 
-    info = {"seed": cfg.seed, "train_config": dump_config(cfg), "features": fs.digests,
+    info = {"seed": cfg.seed, "parameters": family.parameter_count(model), "train_config": dump_config(cfg), "features": fs.digests,
             "feature_norm": norm.to_dict() if norm is not None else None,
             "classes": fs.class_names, "encoders": {"visual": _public_attrs(fs.visual.attrs),
                                                     "audio": _public_attrs(fs.audio.attrs)}}
     train = splits["train"]
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        model.bece_enabled = cfg.contrastive and epoch >= cfg.first_bece_epoch
+        family.begin_epoch(model, epoch, options)
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         correct = total = 0
@@ -255,8 +277,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
             with autocast(device, precision):
                 out = model(v.to(dtype), a.to(dtype))
             out = type(out)(*(t.to(dtype) for t in out))  # losses in full precision (tau = 0.01 needs it)
-            loss, terms = cace_loss(out, y.to(dtype), contrastive=model.bece_enabled,
-                                    contrastive_coeff=cfg.contrastive_coeff, temperature=cfg.temperature)
+            loss, terms = family.loss(model, out, y.to(dtype), options)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip_grad:
@@ -265,7 +286,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
             n = len(y)
             for k, val in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(val.detach()) * n
-            pred = predict(out).labels
+            pred = family.predict(model, out, postprocessed=False).labels
             correct += int((pred == derive_targets(y).y_eval).sum())
             total += pred.numel()
         lr = optimizer.param_groups[0]["lr"]
@@ -275,7 +296,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         accs = {name: segment_accuracy(p.labels, p.targets)
                 for name, p in ((s, infer(model, splits[s], cfg.eval_batch_size, precision)) for s in splits
                                 if s != "train")}
-        record = {"epoch": epoch, "lr": lr, "bece": model.bece_enabled,
+        record = {"epoch": epoch, "lr": lr, **family.epoch_flags(model),
                   **{k: v / len(train) for k, v in sums.items()}, "train_acc": 100 * correct / max(total, 1),
                   **{f"{s}_acc": acc for s, acc in accs.items()}, "train_s": train_s,
                   "eval_s": time.perf_counter() - t1}
@@ -299,11 +320,22 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
     write_predictions(out_dir / "predictions_test.csv", fs, splits["test"].rows, test_pred)
     test_metrics = localization_metrics(test_pred.labels, test_pred.targets, fs.num_classes, fs.class_names)
     by_test = max(history, key=lambda r: r["test_acc"])
+    extra = {}
+    if family.has_postprocess:  # post-processing reported on and off, for the same checkpoint
+        raw = infer(best_model, splits["test"], cfg.eval_batch_size, precision, postprocessed=False)
+        raw_metrics = localization_metrics(raw.labels, raw.targets, fs.num_classes, fs.class_names)
+        extra = {"postprocess": best_model.cfg.postprocess.enabled,
+                 "test_accuracy_without_postprocess": raw_metrics["accuracy"],
+                 "test_event_f1_without_postprocess": raw_metrics["event"]["f1"]}
     summary = {
+        "model": family.name,
+        "parameters": info["parameters"],
         "selected_on": cfg.select_on,
         "best_epoch": best["epoch"],
         "selection_accuracy": best["score"],
         "test_accuracy": test_metrics["accuracy"],
+        "test_event_f1": test_metrics["event"]["f1"],
+        **extra,
         "test_accuracy_label": ("test accuracy of the val-selected checkpoint" if cfg.select_on == "val" else
                                 "best-on-test accuracy (reference protocol: selected on test, optimistic)"),
         "best_on_test_accuracy": by_test["test_acc"],
@@ -401,6 +433,11 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
     used = resolve_precision(precision, dev)
     p = infer(model, data, batch_size, used)
     metrics = localization_metrics(p.labels, p.targets, fs.num_classes, fs.class_names)
+    metrics["model"] = info["model"]
+    if family_of(model).has_postprocess:
+        raw = infer(model, data, batch_size, used, postprocessed=False)
+        metrics["postprocess"] = model.cfg.postprocess.enabled
+        metrics["accuracy_without_postprocess"] = segment_accuracy(raw.labels, raw.targets)
     metrics.update(split=split, precision=used, eval_s=time.perf_counter() - t0, checkpoint=str(checkpoint),
                    checkpoint_epoch=info.get("epoch"), notes=fs.notes)
     if out_dir is not None:
@@ -432,8 +469,9 @@ def evaluate_stage(checkpoint: Path, fs: FeatureSet, root: Path, split: str = "t
                       ("report", f"report_{split}.md")):
         if (run.dir / rel).is_file():
             run.add_output(name, rel)
-    run.manifest.metrics = {k: metrics[k] for k in ("accuracy", "correct_segments", "segments",
-                                                    "all_background_accuracy", "event", "background")}
+    run.manifest.metrics = {k: metrics[k] for k in ("model", "accuracy", "correct_segments", "segments",
+                                                    "all_background_accuracy", "event", "background",
+                                                    "postprocess", "accuracy_without_postprocess") if k in metrics}
     run.manifest.warnings = list(fs.notes)
     run.complete()
     return TrainResult(run.dir, run.manifest.key, False, run.manifest.metrics)

@@ -284,3 +284,17 @@ def test_end_to_end_from_a_trained_run_with_ground_truth(tmp_path):
     with h5py.File(res["audio"].path) as f:
         np.testing.assert_allclose(a.numpy(), f["avadataset"][row], rtol=1e-4, atol=1e-5)
     assert png_size(tmp_path / "out" / f"{vid}.png")[0] >= 1000
+
+
+def test_an_aveclip_checkpoint_predicts_without_naming_its_model(videos, tmp_path):
+    from models.aveclip import AVECLIP, AVECLIPConfig
+
+    torch.manual_seed(0)
+    model = AVECLIP(AVECLIPConfig(video_dim=2048, audio_dim=2048, num_classes=len(CLASSES), d_model=16,
+                                  num_heads=2, feature_heads=2, ff_mult=2))
+    save_checkpoint(tmp_path / "av.pt", model, encoders=RANDOM_ATTRS, classes=CLASSES, feature_norm=None, epoch=0)
+    (result,) = pr.predict_videos([videos["ten"]], tmp_path / "av.pt", tmp_path / "out", device="cpu")
+    assert result.ok and [row["second"] for row in result.rows] == list(range(10))
+    assert all(row["label"] in {*CLASSES, "background"} for row in result.rows)
+    saved = json.loads((tmp_path / "out" / "ten.json").read_text())
+    assert saved["model"]["model"] == "aveclip"

@@ -1,0 +1,88 @@
+"""Localizers compared on the same features, splits, seeds and training recipe (`avel compare`).
+
+Each (model, seed) is an ordinary `train` stage run (so it is cached in the store, resumable, and inspectable);
+this module only collects what each run reports into one table: test accuracy of the val-selected checkpoint and
+event F1 (mean +- std over the seeds), parameters and training seconds per epoch. Nothing here is model-specific.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.features import FeatureSet
+from pipeline.store import atomic_path, write_json_atomic
+from pipeline.train import TrainConfig, TrainResult, train_stage
+
+
+@dataclass
+class ModelRow:
+    model: str
+    runs: list[TrainResult]
+
+    def values(self, key: str) -> np.ndarray:
+        return np.array([float(r.metrics[key]) for r in self.runs if key in r.metrics])
+
+    def mean_std(self, key: str) -> tuple[float, float]:
+        v = self.values(key)
+        if v.size == 0:
+            return float("nan"), float("nan")
+        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "seeds": [r.metrics["seed"] for r in self.runs],
+               "parameters": int(self.runs[0].metrics["parameters"]),
+               "runs": [str(r.dir) for r in self.runs]}
+        for key in ("test_accuracy", "test_event_f1", "test_accuracy_without_postprocess",
+                    "best_on_test_accuracy", "train_s_per_epoch"):
+            mean, std = self.mean_std(key)
+            if mean == mean:  # not NaN: the key exists for this model
+                out[key] = {"mean": mean, "std": std, "values": self.values(key).tolist()}
+        return out
+
+
+def compare(fs: FeatureSet, base: TrainConfig, models: list[str], seeds: list[int], root: Path, *,
+            force: bool = False, on_run: Callable[[str, int], None] | None = None,
+            on_epoch: Callable[[dict], None] | None = None) -> list[ModelRow]:
+    """Train every model with every seed on `fs`, with `base`'s recipe (its model_args apply to its own model)."""
+    rows = []
+    for name in models:
+        args = base.model_args if name == base.model else {}
+        runs = []
+        for seed in seeds:
+            if on_run:
+                on_run(name, seed)
+            cfg = base.model_copy(update={"model": name, "model_args": args, "seed": seed})
+            cfg = TrainConfig.model_validate(cfg.model_dump())  # validate the model's fields again
+            runs.append(train_stage(fs, cfg, root, force=force, on_epoch=on_epoch))
+        rows.append(ModelRow(name, runs))
+    return rows
+
+
+def markdown_table(rows: list[ModelRow]) -> str:
+    def pm(row: ModelRow, key: str, digits: int = 2) -> str:
+        mean, std = row.mean_std(key)
+        return "n/a" if mean != mean else f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+    lines = ["| localizer | test accuracy % (val-selected) | event F1 % | accuracy % without post-processing | "
+             "parameters | train s/epoch |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.model} | {pm(r, 'test_accuracy')} | {pm(r, 'test_event_f1')} | "
+                     f"{pm(r, 'test_accuracy_without_postprocess')} | {int(r.runs[0].metrics['parameters']):,} | "
+                     f"{pm(r, 'train_s_per_epoch')} |")
+    seeds = rows[0].to_dict()["seeds"] if rows else []
+    lines.append(f"\nmean +- std over seeds {seeds}; the same features, splits and training recipe for every row.")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[ModelRow], out_dir: Path, notes: list[str]) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "comparison.md", out_dir / "comparison.json"
+    text = "\n".join([*(f"**{n}**\n" for n in notes), markdown_table(rows), ""])
+    with atomic_path(md) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    write_json_atomic(js, {"rows": [r.to_dict() for r in rows], "notes": notes})
+    return md, js
