@@ -60,9 +60,9 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
                {"metric": "best-on-test accuracy (reference protocol)", "value": round(trained["best_on_test_accuracy"], 2)},
                {"metric": "all-background baseline", "value": round(evaluated["all_background_accuracy"], 2)},
                {"metric": "event F1", "value": round(evaluated["event_f1"], 2)}]
-    create_table_artifact(metrics, key="pipeline-metrics", description="final metrics")
+    create_table_artifact(metrics, key="pipeline-metrics", description=f"final metrics ({cfg.train.model} localizer)")
     warnings = sorted({w for o in outcomes for w in o.get("warnings", [])})
-    return {"dataset": dataset, "stages": outcomes, "accuracy": evaluated["accuracy"],
+    return {"dataset": dataset, "stages": outcomes, "model": cfg.train.model, "accuracy": evaluated["accuracy"],
             "all_background_accuracy": evaluated["all_background_accuracy"], "split": cfg.evaluate_split,
             "warnings": warnings, "seconds": round(time.perf_counter() - t0, 1)}
 

@@ -166,7 +166,7 @@ def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, roo
     progress.complete()
     m = result.metrics
     return publish("train", label, result.dir, result.reused, time.perf_counter() - t0,
-                   {"checkpoint": str(result.dir / "best.pt"), "test_accuracy": m["test_accuracy"],
+                   {"checkpoint": str(result.dir / "best.pt"), "model": cfg.model, "test_accuracy": m["test_accuracy"],
                     "test_accuracy_label": m["test_accuracy_label"], "best_on_test_accuracy": m["best_on_test_accuracy"],
                     "all_background_accuracy": m["all_background_accuracy"], "best_epoch": m["best_epoch"]})
 

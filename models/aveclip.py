@@ -41,6 +41,7 @@ Everything runs batch-first ``[B, T, d]`` on any number of segments T >= 1.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, NamedTuple, Optional
@@ -66,6 +67,9 @@ class PostProcessConfig:
     max_gap: int = 1  # background runs of at most this many seconds, with event seconds on both sides, become event
     min_run: int = 1  # event runs shorter than this become background (1: off)
     single_run: bool = False  # keep only the event run with the highest summed event probability
+    # After training, choose enabled / unify_class / max_gap / min_run on the validation split (spec §7: never on
+    # test), the weakest setting winning ties; False: use the values above as they are.
+    select_on_val: bool = True
 
     def __post_init__(self) -> None:
         if self.max_gap < 0 or self.min_run < 1:
@@ -431,6 +435,29 @@ def postprocess(labels: Tensor, probs: Tensor, event_prob: Tensor, cfg: PostProc
     return out.to(labels.device)
 
 
+def postprocess_grid(base: PostProcessConfig) -> list[PostProcessConfig]:
+    """The settings validation chooses from, weakest first (so that a tie keeps the predictions as they are)."""
+    grid = [dataclasses.replace(base, enabled=False)]
+    for max_gap, min_run, unify in itertools.product((0, 1, 2), (1, 2), (False, True)):
+        if max_gap or min_run > 1 or unify:
+            grid.append(dataclasses.replace(base, enabled=True, unify_class=unify, max_gap=max_gap,
+                                            min_run=min_run))
+    return grid
+
+
+def select_postprocess(raw: Tensor, probs: Tensor, event_prob: Tensor, targets: Tensor,
+                       base: PostProcessConfig) -> tuple[PostProcessConfig, list[dict]]:
+    """The grid setting with the best segment accuracy on (validation) predictions; ties: the weakest."""
+    table, best, best_acc = [], None, -1.0
+    for cfg in postprocess_grid(base):
+        acc = 100.0 * float((postprocess(raw, probs, event_prob, cfg) == targets).double().mean())
+        table.append({"enabled": cfg.enabled, "unify_class": cfg.unify_class, "max_gap": cfg.max_gap,
+                      "min_run": cfg.min_run, "accuracy": acc})
+        if acc > best_acc:
+            best, best_acc = cfg, acc
+    return dataclasses.replace(best, select_on_val=False), table
+
+
 def decide(out: AVECLIPOutput, cfg: AVECLIPConfig) -> tuple[Tensor, Tensor, Tensor]:
     """Raw per-second labels [B, T], class probabilities [B, T, C+1] and event probability [B, T]."""
     probs = out.class_logits.float().softmax(-1)
@@ -480,6 +507,18 @@ class AVECLIPFamily(LocalizerFamily):
         labels = postprocess(raw, probs, event_prob, model.cfg.postprocess) if postprocessed else raw
         cls, cls_prob = video_class(labels, probs)
         return SegmentPrediction(labels, event_prob, cls, cls_prob)
+
+    def tune_on_val(self, model: AVECLIP, outputs: list[tuple[AVECLIPOutput, Tensor]]) -> dict | None:
+        """Choose the post-processing on validation outputs [(output, targets [B, T])]; sets it on the model."""
+        pp = model.cfg.postprocess
+        if not pp.select_on_val or not outputs:
+            return None
+        decided = [decide(o, model.cfg) for o, _ in outputs]
+        raw, probs, event_prob = (torch.cat([d[i] for d in decided]) for i in range(3))
+        targets = torch.cat([t for _, t in outputs]).to(raw.device)
+        chosen, table = select_postprocess(raw, probs, event_prob, targets, pp)
+        model.cfg.postprocess = chosen
+        return {"postprocess_selected": dataclasses.asdict(chosen), "postprocess_val_grid": table}
 
     def load_weights(self, model: AVECLIP, obj: Any) -> AVECLIP:
         return strict_load(model, obj)

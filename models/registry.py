@@ -39,6 +39,7 @@ class LocalizerFamily:
     family reads what concerns it and ignores the rest."""
 
     name: str = ""
+    version: str = "1"  # bump when the family's results change for the same config (it enters the train stage key)
     summary: str = ""
     config_cls: type = object  # dataclass with from_dict / to_dict and video_dim, audio_dim, num_classes
     model_cls: type[nn.Module] = nn.Module
@@ -63,6 +64,11 @@ class LocalizerFamily:
 
     def predict(self, model: nn.Module, out: Any, postprocessed: bool = True) -> SegmentPrediction:
         raise NotImplementedError
+
+    def tune_on_val(self, model: nn.Module, outputs: list[tuple[Any, Tensor]]) -> dict | None:
+        """After training: settle what is chosen on validation outputs [(output, targets)] (AVE-CLIP: its
+        post-processing), changing model.cfg; returns what was chosen, for the report (None: nothing to tune)."""
+        return None
 
     def runtime_state(self, model: nn.Module) -> dict:
         """Plain attributes (not in the state dict) that evaluation needs, saved in the checkpoint."""

@@ -171,7 +171,7 @@ DatasetOpt = typer.Option(None, "--dataset", help="AVE-format dataset whose feat
 VisualOption = typer.Option(None, "--visual", help="Visual feature h5 (with --dataset).")
 AudioOption = typer.Option(None, "--audio", help="Audio feature h5 (with --dataset).")
 ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (its `train:` section is used).")
-SetOption = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=20 --set model.psi=0.3.")
+SetOption = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=20 --set model_args.psi=0.3.")
 PrecisionOption = typer.Option(None, "--precision", help="auto (bf16 autocast where the device has native bf16: "
                                                          "CUDA, or a CPU with AMX/AVX512-BF16; else fp32), fp32, bf16.")
 
@@ -231,7 +231,8 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
 def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = DatasetOpt,
             visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
             config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
-            models: str = typer.Option("cace,aveclip", "--models", help="Comma-separated localizer names."),
+            models: str = typer.Option("cace,aveclip", "--models", help="Comma-separated localizer names, each "
+                                       "optionally with overrides: aveclip:multiscale=staged:postprocess.enabled=false."),
             seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
             epochs: Optional[int] = typer.Option(None, help="Epochs for every model."),
             out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/json (default: "
@@ -251,7 +252,7 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     from pipeline.train import TrainConfig
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in list_localizers()]
+    unknown = [m for m in names if cmp.parse_variant(m).model not in list_localizers()]
     if unknown or not names:
         raise UserError(f"--models {models!r}: unknown {unknown}; known: {', '.join(list_localizers())}")
     seed_list = [int(x) for x in seeds.split(",")]
@@ -275,7 +276,8 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
 
         rows = cmp.compare(fs, base, names, seed_list, root, force=force, on_run=on_run, on_epoch=on_epoch)
     digest = hashlib.sha256(json.dumps(fs.digests, sort_keys=True).encode()).hexdigest()[:12]
-    md, _ = cmp.write_report(rows, out or root / "compare" / f"{'-'.join(names)}-{digest}", list(fs.notes))
+    label = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]
+    md, _ = cmp.write_report(rows, out or root / "compare" / f"{label}-{digest}", list(fs.notes))
     console.print(cmp.markdown_table(rows), highlight=False, soft_wrap=True)
     console.print(f"wrote {md}")
 

@@ -3,6 +3,9 @@
 Each (model, seed) is an ordinary `train` stage run (so it is cached in the store, resumable, and inspectable);
 this module only collects what each run reports into one table: test accuracy of the val-selected checkpoint and
 event F1 (mean +- std over the seeds), parameters and training seconds per epoch. Nothing here is model-specific.
+
+A row is a model name, optionally with config overrides for an ablation: `aveclip:multiscale=staged:fusion=
+concat_product` (values parsed as YAML, nested fields with dots: `aveclip:postprocess.enabled=false`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,25 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.config import apply_overrides, validate
+from pipeline.errors import UserError
 from pipeline.features import FeatureSet
 from pipeline.store import atomic_path, write_json_atomic
 from pipeline.train import TrainConfig, TrainResult, train_stage
+
+
+@dataclass
+class Variant:
+    label: str  # as the user wrote it
+    model: str
+    overrides: list[str]  # key=value, relative to the model's config
+
+
+def parse_variant(text: str) -> Variant:
+    name, *overrides = [p.strip() for p in text.split(":")]
+    if not name:
+        raise UserError(f"model {text!r}: no name before the ':' (e.g. aveclip:multiscale=staged)")
+    return Variant(text.strip(), name, overrides)
 
 
 @dataclass
@@ -44,21 +63,28 @@ class ModelRow:
         return out
 
 
+def variant_config(base: TrainConfig, variant: Variant, seed: int) -> TrainConfig:
+    """`base`'s recipe for this variant (base's model_args apply only to base's own model), validated."""
+    args = apply_overrides(base.model_args if variant.model == base.model else {}, variant.overrides)
+    data = {**base.model_dump(), "model": variant.model, "model_args": args, "seed": seed}
+    return validate(TrainConfig, data, f"model {variant.label!r}")
+
+
 def compare(fs: FeatureSet, base: TrainConfig, models: list[str], seeds: list[int], root: Path, *,
             force: bool = False, on_run: Callable[[str, int], None] | None = None,
             on_epoch: Callable[[dict], None] | None = None) -> list[ModelRow]:
-    """Train every model with every seed on `fs`, with `base`'s recipe (its model_args apply to its own model)."""
+    """Train every model (or variant) with every seed on `fs`, with `base`'s recipe. Every config is checked
+    before the first run starts."""
+    variants = [parse_variant(m) for m in models]
+    configs = [[variant_config(base, v, seed) for seed in seeds] for v in variants]
     rows = []
-    for name in models:
-        args = base.model_args if name == base.model else {}
+    for variant, cfgs in zip(variants, configs):
         runs = []
-        for seed in seeds:
+        for cfg in cfgs:
             if on_run:
-                on_run(name, seed)
-            cfg = base.model_copy(update={"model": name, "model_args": args, "seed": seed})
-            cfg = TrainConfig.model_validate(cfg.model_dump())  # validate the model's fields again
+                on_run(variant.label, cfg.seed)
             runs.append(train_stage(fs, cfg, root, force=force, on_epoch=on_epoch))
-        rows.append(ModelRow(name, runs))
+        rows.append(ModelRow(variant.label, runs))
     return rows
 
 

@@ -96,7 +96,7 @@ class TrainConfig(StrictModel):
     def key_fields(self) -> dict:
         """Fields that change the result (the device does not, by intent; the precision that runs does)."""
         fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "memory_budget_gb")}
-        return {**fields, "precision": self.resolved_precision()}
+        return {**fields, "precision": self.resolved_precision(), "model_version": get_family(self.model).version}
 
 
 def model_config(fs: FeatureSet, overrides: dict, family: LocalizerFamily | None = None):
@@ -127,22 +127,29 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+def _forward(model: torch.nn.Module, data: SplitData, batch_size: int, precision: str):
+    """Yield (the model's output, targets [B, T]) batch by batch over a split, in eval mode, without gradients."""
+    model.eval()
+    dtype = model_dtype(model)
+    for start in range(0, len(data), batch_size):
+        v, a, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
+        with torch.no_grad(), autocast(data.device, precision):
+            o = model(v.to(dtype), a.to(dtype))
+        yield o, derive_targets(y).y_eval
+
+
 @torch.no_grad()
 def infer(model: torch.nn.Module, data: SplitData, batch_size: int, precision: str = "fp32",
           postprocessed: bool = True) -> Predictions:
     """Per-second decisions on a split; `postprocessed=False`: the raw decisions of families that post-process."""
-    model.eval()
-    family, dtype = family_of(model), model_dtype(model)
+    family = family_of(model)
     out = {"labels": [], "event_prob": [], "class_prob": [], "targets": []}
-    for start in range(0, len(data), batch_size):
-        v, a, y = data.batch(np.arange(start, min(start + batch_size, len(data))))
-        with autocast(data.device, precision):
-            o = model(v.to(dtype), a.to(dtype))
+    for o, targets in _forward(model, data, batch_size, precision):
         p = family.predict(model, o, postprocessed)
         out["labels"].append(p.labels.cpu())
         out["event_prob"].append(p.event_prob.float().cpu())
         out["class_prob"].append(p.class_prob.float().cpu())
-        out["targets"].append(derive_targets(y).y_eval.cpu())
+        out["targets"].append(targets.cpu())
     cat = {k: torch.cat(v).numpy() if v else np.zeros((0,)) for k, v in out.items()}
     return Predictions(**cat)
 
@@ -316,6 +323,16 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
 
     best_model, _ = load_model(best_path)
     best_model.to(device=device, dtype=dtype)
+    tuned = None
+    if "val" in splits and len(splits["val"]):  # choices a family makes on validation (never on test)
+        outputs = [(type(o)(*(t.float() for t in o)), y)
+                   for o, y in _forward(best_model, splits["val"], cfg.eval_batch_size, precision)]
+        tuned = family.tune_on_val(best_model, outputs)
+        if tuned is not None:  # the checkpoint carries the chosen setting, so evaluate and predict use it
+            best_state = load_torch_file(best_path, "checkpoint")
+            save_checkpoint(best_path, best_model, **{k: v for k, v in best_state.items()
+                                                      if k not in ("format", "model", "state_dict", "model_config",
+                                                                   "runtime_state")}, tuned_on_val=tuned)
     test_pred = infer(best_model, splits["test"], cfg.eval_batch_size, precision)
     write_predictions(out_dir / "predictions_test.csv", fs, splits["test"].rows, test_pred)
     test_metrics = localization_metrics(test_pred.labels, test_pred.targets, fs.num_classes, fs.class_names)
@@ -327,6 +344,8 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         extra = {"postprocess": best_model.cfg.postprocess.enabled,
                  "test_accuracy_without_postprocess": raw_metrics["accuracy"],
                  "test_event_f1_without_postprocess": raw_metrics["event"]["f1"]}
+    if tuned is not None:
+        extra["tuned_on_val"] = tuned
     summary = {
         "model": family.name,
         "parameters": info["parameters"],

@@ -5,7 +5,7 @@ import torch
 
 from models import create_localizer, get_family, list_localizers
 from models.aveclip import (AVECLIP, AVECLIPConfig, PostProcessConfig, aveclip_loss, postprocess,
-                            window_layout)
+                            select_postprocess, window_layout)
 from pipeline.errors import UserError
 from pipeline.features import from_public_folder
 from pipeline.train import TrainConfig, evaluate, load_model, train_model
@@ -114,6 +114,21 @@ def test_postprocess_unification_picks_the_most_probable_class_over_event_second
     assert out.tolist()[0] == [1, 1, 1, 1, B, B, B, B, B, B]
 
 
+def test_validation_chooses_the_post_processing_and_ties_keep_the_raw_predictions():
+    truth = [B, 1, 1, 1, 1, 1, B, B, B, B]
+    holed = [B, 1, 1, B, 1, 1, B, B, B, B]  # a one-second hole that gap filling repairs
+    raw, targets = torch.tensor([holed, truth]), torch.tensor([truth, truth])
+    probs = torch.cat([probs_for(holed), probs_for(truth)])
+    chosen, table = select_postprocess(raw, probs, torch.ones(2, 10), targets, PostProcessConfig())
+    assert chosen.enabled and chosen.max_gap >= 1 and not chosen.select_on_val
+    assert table[0]["enabled"] is False and table[0]["accuracy"] == 95.0
+    assert max(r["accuracy"] for r in table) == 100.0
+    perfect = torch.tensor([truth, truth])  # every setting gives 100 %: the weakest, no post-processing, wins
+    chosen, _ = select_postprocess(perfect, torch.cat([probs_for(truth)] * 2), torch.ones(2, 10), targets,
+                                   PostProcessConfig())
+    assert not chosen.enabled
+
+
 def test_loss_terms_and_the_staged_branch_phase():
     model = tiny_model().train()
     out = model(torch.randn(4, 10, 12), torch.randn(4, 10, 6))
@@ -160,6 +175,8 @@ def test_learns_the_feature_fixture_and_round_trips_its_checkpoint(tmp_path):
     # the checkpoint names its model: evaluate and load need no flag, and give the same numbers
     model, info = load_model(out / "best.pt")
     assert isinstance(model, AVECLIP) and info["model"] == "aveclip"
+    chosen = summary["tuned_on_val"]["postprocess_selected"]  # chosen on val, saved with the checkpoint
+    assert model.cfg.postprocess.enabled == chosen["enabled"] and not model.cfg.postprocess.select_on_val
     again = evaluate(out / "best.pt", fs, "test", device="cpu", precision="fp32")
     assert again["accuracy"] == summary["test_accuracy"] and again["model"] == "aveclip"
 
@@ -180,3 +197,43 @@ def test_wrong_model_fields_are_user_errors(tmp_path):
     out.mkdir()
     with pytest.raises(UserError, match="aveclip model config: d_model=16 must be divisible by num_heads=3"):
         train_model(fs, aveclip_cfg(epochs=1, model_args={**TINY, "num_heads": 3}), out)
+
+
+def test_cli_trains_aveclip_and_evaluates_its_checkpoint_without_naming_it(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    folder = write_feature_folder(tmp_path / "feats")
+    root = tmp_path / "store"
+    cli = [sys.executable, "-m", "pipeline.cli"]
+    args = ["--set", "model_args={d_model: 16, num_heads: 2, feature_heads: 2, ff_mult: 2}", "--set", "batch_size=4",
+            "--set", "lr=0.003", "--set", "milestones=[100]"]
+    proc = subprocess.run([*cli, "train", "--features", str(folder), "--model", "aveclip", "--epochs", "8",
+                           "--root", str(root), "--device", "cpu", "--precision", "fp32", *args],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "localizer: aveclip" in lines and any("without post-processing" in ln for ln in lines)
+    assert re.fullmatch(r"test accuracy: \d+\.\d\d %", lines[-1])
+    (run,) = (root / "train").iterdir()
+    proc = subprocess.run([*cli, "evaluate", "--checkpoint", str(run / "best.pt"), "--features", str(folder),
+                           "--root", str(root), "--device", "cpu", "--precision", "fp32"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == lines[-1]  # same checkpoint, same features: same number
+    bad = subprocess.run([*cli, "train", "--features", str(folder), "--model", "lstm", "--root", str(root)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown localizer 'lstm'; known: cace, aveclip" in bad.stderr + bad.stdout
+    assert "Traceback" not in bad.stderr
+
+
+def test_bf16_autocast_trains_aveclip_and_records_it(tmp_path):
+    """The path `precision: auto` takes on CPUs with AMX/AVX512-BF16 and on CUDA (emulated where neither)."""
+    fs = from_public_folder(write_feature_folder(tmp_path / "feats"))
+    out = tmp_path / "run"
+    out.mkdir()
+    history = []
+    summary = train_model(fs, aveclip_cfg(precision="bf16"), out, on_epoch=history.append)
+    assert summary["precision"] == "bf16" and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"] and summary["test_accuracy"] >= 80.0

@@ -89,6 +89,13 @@ def test_pipeline_runs_reuses_and_reruns_only_what_changed(prefect_harness, tmp_
     forced = full_pipeline(config=cfg, force=["train"])
     assert {label for label, o in by_label(forced).items() if not o["reused"]} == {"train", "evaluate"}
 
+    # the other localizer, by name in the config (`train.model` held CACE's overrides before the registry: the
+    # tiny config above still says so, and is read as CACE's model_args)
+    other = full_pipeline(config=cfg, overrides=["train.model=aveclip", "train.model_args={d_model: 16, num_heads: 2, "
+                                                 "feature_heads: 2, ff_mult: 2}"])
+    assert {label for label, o in by_label(other).items() if not o["reused"]} == {"train", "evaluate"}
+    assert by_label(other)["train"]["model"] == "aveclip" and 0 <= other["accuracy"] <= 100
+
 
 def test_a_failing_stage_fails_the_run_and_keeps_finished_artifacts(prefect_harness, tmp_path, monkeypatch):
     import pipeline.train
