@@ -6,6 +6,8 @@ A `UserError` from anywhere below becomes one `error: ...` line and exit status 
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -172,6 +174,8 @@ VisualOption = typer.Option(None, "--visual", help="Visual feature h5 (with --da
 AudioOption = typer.Option(None, "--audio", help="Audio feature h5 (with --dataset).")
 ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (its `train:` section is used).")
 SetOption = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=20 --set model_args.psi=0.3.")
+NoWaitOption = typer.Option(False, "--no-wait", help="If another run is computing an artifact this one needs, end "
+                                                       "at once with an error instead of waiting to reuse it.")
 PrecisionOption = typer.Option(None, "--precision", help="auto (bf16 autocast where the device has native bf16: "
                                                          "CUDA, or a CPU with AMX/AVX512-BF16; else fp32), fp32, bf16.")
 
@@ -186,8 +190,10 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
           select_on: Optional[str] = typer.Option(None, "--select-on", help="val (default) or test (reference)."),
           device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
           precision: Optional[str] = PrecisionOption,
-          force: bool = typer.Option(False, help="Retrain even if this config was trained before.")):
+          force: bool = typer.Option(False, help="Retrain even if this config was trained before."),
+          no_wait: bool = NoWaitOption):
     """Train a localizer (CACE with its reference recipe by default) and report val-selected test accuracy."""
+    _lock_policy(no_wait)
     from rich.progress import Progress
 
     from pipeline.config import load_config
@@ -239,8 +245,10 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
                                                                    "ROOT/compare/<models>-<features>)."),
             device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
             precision: Optional[str] = PrecisionOption,
-            force: bool = typer.Option(False, help="Retrain runs that exist.")):
+            force: bool = typer.Option(False, help="Retrain runs that exist."),
+            no_wait: bool = NoWaitOption):
     """Localizers side by side on the same features, splits, seeds and recipe: accuracy, event F1, size, speed."""
+    _lock_policy(no_wait)
     import hashlib
     import json
 
@@ -290,8 +298,10 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
              split: str = typer.Option("test", help="Split to evaluate."),
              dtype: str = typer.Option("float32", help="float32 or float64 (the reference's precision)."),
              device: str = typer.Option("auto", help="auto, cpu, cuda."),
-             precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16 (autocast).")):
+             precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16 (autocast)."),
+             no_wait: bool = NoWaitOption):
     """Evaluate a checkpoint: segment accuracy (papers' metric), per class, event/background P/R/F1."""
+    _lock_policy(no_wait)
     from pipeline.train import evaluate_stage
 
     fs = _feature_set(features, dataset, visual, audio, root)
@@ -306,6 +316,12 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
     console.print(f"event segments: precision {m['event']['precision']:.2f} %, recall {m['event']['recall']:.2f} %, "
                   f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %")
     console.print(f"{split} accuracy: {m['accuracy']:.2f} %")
+
+
+def _lock_policy(no_wait: bool) -> None:
+    from pipeline.locks import set_wait
+
+    set_wait(not no_wait)
 
 
 def _print_precision(precision: str, device: str) -> None:
@@ -336,8 +352,10 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
             config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `extract:` "
                                                                          "section)."),
             set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set threads=2."),
-            force: bool = typer.Option(False, help="Recompute even if these features exist.")):
+            force: bool = typer.Option(False, help="Recompute even if these features exist."),
+            no_wait: bool = NoWaitOption):
     """Extract ResNet-50 and Cnn14 features (visual.h5, audio.h5 in the AVE layout); resumes an interrupted run."""
+    _lock_policy(no_wait)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -400,9 +418,11 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
              random_init: bool = typer.Option(False, "--random-init", help="Start from random weights (testing only)."),
              precision: Optional[str] = PrecisionOption,
              force: bool = typer.Option(False, help="Fine-tune again even if this run exists (drops its resume "
-                                                    "point).")):
+                                                    "point)."),
+             no_wait: bool = NoWaitOption):
     """Fine-tune ResNet-50 with InfoNCE on video-level audio/visual pairs (train+val, never test); report
     audio<->visual retrieval recall before/after on held-out videos; save weights for `avel extract`."""
+    _lock_policy(no_wait)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -551,7 +571,6 @@ def _check_pipeline_inputs(config_path: Path | None, overrides: list[str], force
 
 def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool) -> None:
     import datetime
-    import os
     import time
 
     from pipeline.progress import RichReporter, quiet_native_output, use_reporter
@@ -619,8 +638,10 @@ def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML 
         set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
         root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config)."),
-        verbose: bool = VerboseOption):
+        verbose: bool = VerboseOption,
+        no_wait: bool = NoWaitOption):
     """Run the full pipeline (Prefect flow): extract -> fine-tune -> re-extract -> train -> evaluate."""
+    _lock_policy(no_wait)
     _run_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
 
 
@@ -628,8 +649,10 @@ def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML 
 def demo(root: Path = RootOption,
          set_: list[str] = typer.Option([], "--set", help="Override a demo setting, e.g. --set train.epochs=10."),
          force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
-         verbose: bool = VerboseOption):
+         verbose: bool = VerboseOption,
+         no_wait: bool = NoWaitOption):
     """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/demo.yaml)."""
+    _lock_policy(no_wait)
     from pipeline.pipeline_config import demo_config_path
 
     _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force), verbose)
@@ -647,15 +670,70 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron schedule, e.g. "
                                                           "overrides": list(set_)})
 
 
+# Commands that start processes (decoders, DataLoader workers, Prefect's server): a watcher ends them with the command
+STARTS_PROCESSES = {"synth", "extract", "finetune", "train", "compare", "evaluate", "predict", "run", "demo", "schedule"}
+
+
 def main() -> None:
     from pipeline.runtime import configure_process
 
+    if len(sys.argv) > 1 and sys.argv[1] in STARTS_PROCESSES:
+        from pipeline import reaper
+
+        reaper.start()  # before any child process exists, so that each inherits the run's token
     configure_process()  # before any torch work, so torch's worker threads inherit it
     try:
         app()
     except UserError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except (OSError, RuntimeError) as e:  # HDF5 and torch.save report write failures as RuntimeError
+        message = write_error(e)
+        if message is None:
+            raise
+        Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: after a failed write, HDF5's handles are broken and closing them at interpreter exit can
+        # crash (measured: a segfault after "No space left on device"). What had to be saved is saved.
+        os._exit(2)
+
+
+WRITE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+
+
+def write_error(e: BaseException) -> str | None:
+    """One line for a store that cannot be written (full, over quota, read-only, not ours), naming the folder; None
+    for other errors. HDF5 reports its errno inside the message; torch.save's zip writer says only "file write
+    failed" or "unexpected pos": then the free space of the store decides."""
+    text = str(e)
+    code = getattr(e, "errno", None)
+    if code not in WRITE_ERRNOS:
+        code = next((c for c, t in WRITE_ERRNOS.items() if t in text or f"errno = {c}," in text), None)
+    root = _root_argument()
+    if code is None and any(k in text for k in ("file write failed", "PytorchStreamWriter", "inline_container")):
+        import shutil
+
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(root).free < 2**20:
+                code = errno.ENOSPC
+    if code is None:
+        return None
+    filename = getattr(e, "filename", None)
+    where = Path(filename).parent if filename else root
+    return (f"cannot write to {where}: {WRITE_ERRNOS[code]}. Nothing unfinished is marked complete; free space (or "
+            f"fix the permissions) there, or point --root at another disk, and run the command again to resume")
+
+
+def _root_argument() -> str:
+    argv = sys.argv
+    for i, arg in enumerate(argv):
+        if arg == "--root" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--root="):
+            return arg.split("=", 1)[1]
+    return str(DEFAULT_ROOT)
 
 
 if __name__ == "__main__":

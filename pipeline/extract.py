@@ -53,7 +53,7 @@ from pydantic import Field
 from pipeline import ave, media
 from pipeline.config import StrictModel
 from pipeline.errors import UserError
-from pipeline.runtime import default_threads, pinned_threads, resolve_device, resolve_precision, worker_context
+from pipeline.runtime import default_threads, pinned_threads, resolve_device, resolve_precision, worker_options
 from pipeline.store import ArtifactStore, Manifest, StageRun, stage_key
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ class _Sink:
             with contextlib.suppress(FileNotFoundError):
                 self.items_log.unlink()
             self._create_partial()
+        self._check_space()
         self.f = h5py.File(self.partial, "r+")
         self.done = np.asarray(self.f["done"][()], bool)
         recorded = int(self.f.attrs.get("torch_threads", self.threads))
@@ -234,6 +235,18 @@ class _Sink:
             self.threads = recorded
         self._read_items_log()
         self._log_file = open(self.items_log, "a", encoding="utf-8")
+
+    def _check_space(self) -> None:
+        """Before any video: the disk must hold what the file still needs (a full disk mid-run is an HDF5 write
+        error inside the file, and the file is then unusable; this check turns the common case into one clear
+        message before the work starts)."""
+        need = int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        missing = need - self.partial.stat().st_blocks * 512  # a resumed file has already allocated its rows
+        free = shutil.disk_usage(self.run.dir).free
+        if missing > free:
+            raise UserError(f"{self.run.dir}: the {self.modality} features need {_megabytes(need)} "
+                            f"({_megabytes(missing)} not yet written) but only {_megabytes(free)} are free there; "
+                            f"free space or point --root at another disk")
 
     def _create_partial(self) -> None:
         tmp = self.partial.with_name(self.partial.name + ".new")
@@ -363,6 +376,10 @@ class _Sink:
         self.close()
         if not self.final.is_file():
             os.replace(self.partial, self.final)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 # ---- decoding in worker processes -------------------------------------------------------------------------------
@@ -510,11 +527,19 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
         for m, extractor in extractors.items():
             weights, config, inputs, key = plans[m]
             stage_dir = store.path(STAGES[m], key)
-            if force and stage_dir.exists():
-                shutil.rmtree(stage_dir)
-            run = store.open(STAGES[m], VERSION, config, inputs)
+            if force:  # under the artifact's lock: no other run reads the folder while it is removed
+                lock = store.lock(STAGES[m], key)
+                lock.acquire()
+                shutil.rmtree(stage_dir, ignore_errors=True)
+                run = store.open(STAGES[m], VERSION, config, inputs)
+                lock.release()  # the run holds it (the lock is re-entrant within this thread)
+            else:
+                run = store.open(STAGES[m], VERSION, config, inputs)
             if run.manifest.key != key:
                 raise RuntimeError(f"stage key computed twice differently: {key} vs {run.manifest.key}")
+            if run.is_complete and (stage_dir / OUTPUT_FILES[m]).is_file():  # computed by a run we waited for
+                results[m] = _open_result(store, m, key, run.manifest, True, len(ds))
+                continue
             random_lineage = trained_from_random(weights)  # random init, or fine-tuned from it
             attrs = {"stage": STAGES[m], "stage_key": key, "version": VERSION, "encoder": extractor.name,
                      "weights_sha256": weights.label, "random_init": random_lineage, "seed": cfg.seed,
@@ -581,7 +606,7 @@ def _run_sinks(ds: ave.AVEDataset, cfg: ExtractConfig, device: torch.device, sin
     workers = min(cfg.workers, total)
 
     step = WORKER_VIDEOS if workers else total
-    context = worker_context(workers)  # a fork server: workers forked from a Prefect process can die at exit
+    worker_opts = worker_options(workers)  # a fork server's workers, ending when this process ends
 
     def items():
         # fresh worker processes every WORKER_VIDEOS videos: whatever a decoder library keeps per file stays bounded
@@ -590,7 +615,7 @@ def _run_sinks(ds: ave.AVEDataset, cfg: ExtractConfig, device: torch.device, sin
                 _DecodeJobs(jobs[start:start + step], cfg.frames_per_segment, cfg.decode_threads),
                 batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
                 pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None, persistent_workers=False,
-                multiprocessing_context=context)
+                **worker_opts)
 
     wait = decode = decode_cpu = 0.0
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ from pipeline import ave, media
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
 from pipeline.runtime import (autocast, heap_allocations, load_torch_file, resolve_device, resolve_precision,
-                              seed_everything, worker_context)
+                              seed_everything, worker_options)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
 STAGE, VERSION = "finetune", "2"  # 2: the trunk in channels_last on every device
@@ -308,7 +308,7 @@ def epoch_batches(n: int, cfg: FinetuneConfig, epoch: int) -> list[list[int]]:
 def _loader(dataset: VideoPairs, batches: list[list[int]], workers: int,
             device: torch.device) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                       pin_memory=device.type == "cuda", multiprocessing_context=worker_context(workers))
+                                       pin_memory=device.type == "cuda", **worker_options(workers))
 
 
 class Normalizer:

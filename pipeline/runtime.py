@@ -193,17 +193,61 @@ def load_torch_file(path: Path, what: str) -> Any:
         raise UserError(f"{path}: not a readable PyTorch {what} ({str(e).splitlines()[0][:160]})") from None
 
 
-def worker_context(workers: int):
-    """Multiprocessing context for DataLoader workers: a fork server, not a fork of this process.
+def worker_options(workers: int) -> dict[str, Any]:
+    """DataLoader arguments for `workers` worker processes: a fork server's context, and an init function that ends
+    each worker when the process that started the loader dies (however it dies, kill -9 included).
 
-    Under Prefect the process has an event-loop thread and log handlers; a worker forked from it can die at exit
-    (seen: "DataLoader worker exited unexpectedly with exit code 1" in the fine-tuning stage). The fork server is
-    a clean process that imports torch and the decoders once, so each worker still starts in milliseconds.
+    Why the fork server: under Prefect the process has an event-loop thread and log handlers; a worker forked from
+    it can die at exit (seen: "DataLoader worker exited unexpectedly with exit code 1" in the fine-tuning stage).
+    The fork server is a clean process that imports torch and the decoders once, so each worker still starts in
+    milliseconds.
+
+    Why the watch: torch's own worker watchdog checks the worker's parent, which here is the fork server, and the
+    fork server only exits when every process holding its "alive" pipe has, workers included. So after a kill -9 of
+    the main process the workers and the fork server kept each other alive, orphaned, indefinitely (measured:
+    more than 20 minutes). Each worker now watches the main process itself (a pidfd, so a reused pid cannot fool
+    it) and exits when it is gone; the fork server follows once its last worker has.
     """
     if workers == 0:
-        return None
+        return {}
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "numpy", "decord", "av", "pipeline.media"])
-    return ctx
+    return {"multiprocessing_context": ctx, "worker_init_fn": ExitWithProcess(os.getpid())}
+
+
+class ExitWithProcess:
+    """Picklable worker_init_fn: a daemon thread in the worker that ends it when process `pid` has ended."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def __call__(self, worker_id: int | None = None) -> None:
+        import threading
+
+        threading.Thread(target=_exit_when_gone, args=(self.pid,), daemon=True, name="avel-exit-with-parent").start()
+
+
+def _exit_when_gone(pid: int) -> None:
+    import select
+    import time
+
+    try:
+        fd = os.pidfd_open(pid)  # Linux >= 5.3: readable once the process has exited
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd here: poll the pid (a reused pid would keep the worker alive)
+        fd = None
+    if fd is not None:
+        select.select([fd], [], [])
+    else:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                continue
+    os._exit(1)  # no cleanup: the process we worked for is gone, and nothing of ours must outlive it

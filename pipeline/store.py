@@ -7,6 +7,8 @@ what was computed from what, how long it took, and whether it is complete.
 
 Writes are atomic (temporary name, then `os.replace`): a killed run leaves either the old file or a `.tmp`
 leftover that is never mistaken for output, and a manifest says `complete` only after every output exists.
+A run that computes an artifact holds its lock (`pipeline.locks`) from `open` to `complete`/`fail`, so runs that
+share a store compute each artifact once: the second waits, then finds it complete and reuses it.
 This module knows nothing of particular stages; they describe themselves through `StageRun`.
 """
 
@@ -26,6 +28,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, Field
 
 from pipeline.errors import UserError
+from pipeline.locks import ArtifactLock
 
 MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: collisions are not a concern for a few thousand artifacts
@@ -120,11 +123,17 @@ def _now() -> str:
 class StageRun:
     """An open stage folder: the stage writes its files into `dir`, records what it did, then calls `complete`."""
 
-    def __init__(self, store: "ArtifactStore", manifest: Manifest):
+    def __init__(self, store: "ArtifactStore", manifest: Manifest, lock: ArtifactLock | None = None):
         self.store = store
         self.manifest = manifest
         self.dir = store.path(manifest.stage, manifest.key)
+        self.lock = lock or store.lock(manifest.stage, manifest.key)
         self._t0 = time.perf_counter()
+
+    def __del__(self) -> None:  # a run object dropped without complete/fail (a bug, or an error path): unlock
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def save(self) -> None:
         write_json_atomic(self.dir / MANIFEST, self.manifest.model_dump())
@@ -143,7 +152,10 @@ class StageRun:
         return self.manifest.status == "complete"
 
     def restart(self) -> None:
-        """Forget a previous result (`--force`): a fresh running manifest; the stage overwrites its files."""
+        """Forget a previous result (`--force`): a fresh running manifest; the stage overwrites its files. Takes
+        the artifact's lock first (waiting for a run that computes it), so no other run reads a half-rewritten
+        folder."""
+        self.lock.acquire()
         m = self.manifest
         self.manifest = Manifest(stage=m.stage, key=m.key, version=m.version, created=_now(), config=m.config,
                                  inputs=m.inputs, environment=environment())
@@ -155,13 +167,23 @@ class StageRun:
             raise RuntimeError(f"stage {self.manifest.stage}: outputs missing at completion: {missing}")
         self.manifest.timings.setdefault("total_s", round(time.perf_counter() - self._t0, 3))
         self.manifest.status, self.manifest.finished, self.manifest.error = "complete", _now(), None
-        self.save()
+        try:
+            self.save()
+        finally:
+            self.lock.release()
         return self.manifest
 
     def fail(self, error: BaseException | str) -> None:
+        """Record the failure (best effort: on a full or read-only disk the manifest stays `running`, which is
+        not complete either) and release the lock; the original error is what the caller raises."""
         self.manifest.status, self.manifest.finished = "failed", _now()
         self.manifest.error = str(error)
-        self.save()
+        try:
+            self.save()
+        except (OSError, RuntimeError):
+            pass
+        finally:
+            self.lock.release()
 
 
 class ArtifactStore:
@@ -170,6 +192,9 @@ class ArtifactStore:
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def lock(self, stage: str, key: str) -> ArtifactLock:
+        return ArtifactLock(self.root, stage, key)
 
     def manifest(self, stage: str, key: str) -> Manifest | None:
         path = self.path(stage, key) / MANIFEST
@@ -184,20 +209,32 @@ class ArtifactStore:
     def open(self, stage: str, version: str, config: dict, inputs: dict[str, str]) -> StageRun:
         """Open (or re-open, to resume) the folder of this stage + config + inputs.
 
-        A re-opened folder keeps its manifest's per-item records so a stage can skip finished work.
+        A re-opened folder keeps its manifest's per-item records so a stage can skip finished work. A folder that
+        is not complete is returned with its lock held (after waiting for another run computing it, which may
+        have completed it meanwhile: then it is returned complete, for reuse, without the lock).
         """
         key = stage_key(stage, version, config, inputs)
         previous = self.manifest(stage, key)
         if previous is not None and previous.status == "complete":
             return StageRun(self, previous)  # the caller reuses it (or calls restart() to force a recompute)
+        lock = self.lock(stage, key)
+        lock.acquire()
+        previous = self.manifest(stage, key)  # what the run we may have waited for left
+        if previous is not None and previous.status == "complete":
+            lock.release()
+            return StageRun(self, previous, lock)
         if previous is not None:
             previous.status, previous.error = "running", None
-            run = StageRun(self, previous)
+            run = StageRun(self, previous, lock)
         else:
             run = StageRun(self, Manifest(stage=stage, key=key, version=version, created=_now(), config=config,
-                                          inputs=inputs, environment=environment()))
-        run.dir.mkdir(parents=True, exist_ok=True)
-        run.save()
+                                          inputs=inputs, environment=environment()), lock)
+        try:
+            run.dir.mkdir(parents=True, exist_ok=True)
+            run.save()
+        except BaseException:
+            lock.release()
+            raise
         return run
 
     def list(self, stage: str | None = None) -> list[Manifest]:

@@ -132,3 +132,37 @@ def test_bad_config_is_one_error_line_before_prefect_starts(tmp_path):
         assert proc.returncode == 2 and proc.stdout == ""
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_two_pipeline_runs_on_one_store_compute_each_stage_once(tmp_path):
+    """Two `avel run` at once (each with its own temporary Prefect server) on one store: both finish, every
+    stage is computed by exactly one of them and reused by the other, and the artifacts are those of one run."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = tiny_config(tmp_path / "store")
+    cfg["train"] = {**cfg["train"], "model_args": cfg["train"].pop("model")}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--config", str(path)]
+    runs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in runs]
+    for p, (out, err) in zip(runs, outs):
+        assert p.returncode == 0, err[-3000:]
+    stages = ["extract_audio", "extract_visual (initial encoder)", "finetune", "extract_visual (fine-tuned)", "train",
+              "evaluate"]
+
+    def outcome(out: str, label: str) -> str:
+        row = next(ln for ln in out.splitlines() if ln.strip("│ ").startswith(label + " ") or f"│ {label} " in ln)
+        return "computed" if "computed" in row else "reused"
+
+    for label in stages:
+        assert sorted(outcome(out, label) for out, _ in outs) == ["computed", "reused"], label
+    store = ArtifactStore(tmp_path / "store")
+    assert all(m.status == "complete" for m in store.list())
+    assert len(store.list("train")) == 1 and len(store.list("extract_visual")) == 2
+    last = [out.strip().splitlines()[-1] for out, _ in outs]
+    assert last[0].split(" in ")[0] == last[1].split(" in ")[0]  # the same accuracy line (its time aside)
