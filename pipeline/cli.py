@@ -19,6 +19,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from pipeline import ave
+from pipeline.dense.cli import dense_app
 from pipeline.errors import UserError
 from pipeline.store import ArtifactStore, read_manifest, MANIFEST
 
@@ -26,6 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audio-visual event localization on AVE-format data (CACE-Net and beyond).")
 dataset_app = typer.Typer(no_args_is_help=True, help="Look at an AVE-format dataset folder.")
 app.add_typer(dataset_app, name="dataset")
+app.add_typer(dense_app, name="dense")
 console = Console()
 
 DEFAULT_ROOT = Path("artifacts")

@@ -1,0 +1,107 @@
+"""`avel dense ...`: the dense (untrimmed, UnAV-100) task's commands. Thin, like `pipeline.cli`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+dense_app = typer.Typer(no_args_is_help=True, help="Dense AVEL in untrimmed videos (the UnAV-100 layout).")
+dataset_app = typer.Typer(no_args_is_help=True, help="Look at a UnAV-100 annotation file.")
+dense_app.add_typer(dataset_app, name="dataset")
+console = Console()
+
+AnnotationsArg = typer.Argument(..., help="The annotation JSON (UnAV-100 layout), or a folder holding one.")
+
+
+def _annotations(path: Path) -> Path:
+    from pipeline.dense.synthetic import ANNOTATIONS
+
+    path = Path(path)
+    return path / ANNOTATIONS if path.is_dir() else path
+
+
+@dataset_app.command("summary")
+def dataset_summary(annotations: Path = AnnotationsArg):
+    """Videos, events, classes and durations per split."""
+    from pipeline.dense.annotations import load_annotations
+
+    ds = load_annotations(_annotations(annotations))
+    s = ds.summary()
+    console.print(f"{s['file']}: {s['videos']} videos, {s['classes']} classes", highlight=False, soft_wrap=True)
+    for name, r in s["splits"].items():
+        console.print(f"  {name}: {r['videos']} videos, {r['events']} events ({r['events_per_video']:.2f} per video), "
+                      f"{r['classes']} classes, duration mean {r['mean_duration_s']} s max {r['max_duration_s']} s, "
+                      f"event mean {r['mean_event_s']} s, {r['videos_with_overlapping_classes']} videos with "
+                      f"overlapping classes", highlight=False, soft_wrap=True)
+    if ds.problems:
+        console.print(f"[yellow]{len(ds.problems)} problem(s)[/yellow]: `avel dense dataset check` lists them")
+
+
+@dataset_app.command("check")
+def dataset_check(annotations: Path = AnnotationsArg,
+                  features: Optional[Path] = typer.Option(None, "--features", help="Also check a feature folder "
+                                                          "(<vid>_rgb.npy, <vid>_flow.npy, <vid>_vggish.npy).")):
+    """Every problem of the annotations (and features): exit status 1 if there is any."""
+    from pipeline.dense.annotations import load_annotations
+
+    ds = load_annotations(_annotations(annotations))
+    problems = list(ds.problems)
+    if features is not None:
+        from pipeline.dense.features import check_folder
+
+        problems += check_folder(Path(features), list(ds.videos))
+    for p in problems:
+        console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
+    console.print(f"{len(ds.videos)} videos, {len(problems)} problem(s)")
+    raise typer.Exit(1 if problems else 0)
+
+
+@dense_app.command()
+def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation JSON and the feature files."),
+          train: int = typer.Option(120, help="Training videos."), val: int = typer.Option(30, help="Validation."),
+          test: int = typer.Option(30, help="Test videos."), classes: int = typer.Option(6, help="Classes."),
+          seed: int = typer.Option(0, help="Same seed, same files."),
+          shape_mode: bool = typer.Option(False, "--shape-mode", help="UnAV's real widths (1024+1024, 128).")):
+    """A synthetic untrimmed dataset as feature files in the UnAV-100 layout (no videos: for fast tests)."""
+    from pipeline.dense.synthetic import FeatureSynthConfig, generate_feature_dataset
+
+    cfg = FeatureSynthConfig(train=train, val=val, test=test, classes=classes, seed=seed,
+                             **({"rgb_dim": 1024, "flow_dim": 1024, "audio_dim": 128} if shape_mode else {}))
+    with console.status("writing features"):
+        path = generate_feature_dataset(out, cfg)
+    console.print(f"wrote {path} and {train + val + test} x 3 feature files in {out}")
+
+
+@dense_app.command()
+def evaluate(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 annotation JSON (or its folder)."),
+             predictions: Path = typer.Option(..., "--predictions", help='{"results": {video: [{"segment": [s, e], '
+                                                                          '"label": id or name, "score": x}]}}'),
+             split: str = typer.Option("test", help="train, validation or test."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here.")):
+    """mAP at tIoU 0.1:0.9 (ActivityNet-style AP per class), as UnAV-100 reports it."""
+    from pipeline.dense.annotations import load_annotations
+    from pipeline.dense.evaluate import evaluate as run_evaluation, load_predictions
+
+    ds = load_annotations(_annotations(annotations))
+    preds = load_predictions(predictions, ds)
+    r = run_evaluation(ds, preds, split)
+    table = Table(title=f"{r['split']}: {r['videos']} videos, {r['classes_evaluated']} classes, "
+                        f"{r['predictions']} predictions")
+    table.add_column("tIoU")
+    table.add_column("mAP %", justify="right")
+    for th, m in r["mAP"].items():
+        table.add_row(th, f"{100 * m:.2f}")
+    console.print(table)
+    if r["predictions_outside_split"]:
+        console.print(f"{r['predictions_outside_split']} predictions in videos of other splits were not scored")
+    if out is not None:
+        from pipeline.store import write_json_atomic
+
+        write_json_atomic(out, r)
+    console.print(f"mean mAP over tIoU 0.5:0.9: {100 * r['average_mAP_0.5:0.9']:.2f} %")
+    console.print(f"average mAP: {100 * r['average_mAP']:.2f} % (tIoU 0.1:0.9)")

@@ -1,0 +1,112 @@
+"""The dense data layer: the UnAV-100 annotation layout, the time grid, feature files, the synthetic generator."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pipeline.dense.annotations import has_overlap_of_classes, load_annotations
+from pipeline.dense.features import UNAV_GRID, check_folder, feature_paths, load_video_features
+from pipeline.dense.synthetic import FeatureSynthConfig, generate_feature_dataset
+from pipeline.errors import UserError
+
+SMALL = FeatureSynthConfig(train=12, val=4, test=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense")
+    return out, generate_feature_dataset(out, SMALL)
+
+
+def test_grid_conversion_both_ways():
+    assert UNAV_GRID.to_grid(10.0) == pytest.approx(29.75) and UNAV_GRID.to_grid(20.0) == pytest.approx(61.0)
+    assert UNAV_GRID.to_seconds(29.75) == pytest.approx(10.0) and UNAV_GRID.to_seconds(0) == pytest.approx(0.48)
+    assert UNAV_GRID.steps(60.0) == 185 and UNAV_GRID.steps(120.0) == 373
+
+
+def test_schema_round_trip_and_what_the_generator_promises(synth):
+    out, path = synth
+    ds = load_annotations(path)
+    assert ds.problems == []
+    assert [len(ds.split(s)) for s in ("train", "validation", "test")] == [12, 4, 4]
+    assert ds.classes == {c: f"syn_{c:02d}" for c in range(6)} or set(ds.classes) <= set(range(6))
+    lengths = [v.duration for v in ds.videos.values()]
+    assert 20 <= min(lengths) and max(lengths) <= 120
+    for v in ds.videos.values():
+        assert 1 <= len(v.events) and all(0 <= e.start < e.end <= v.duration + 1e-3 for e in v.events)
+        same = {}
+        for e in v.events:  # same-class events never overlap
+            for s, t in same.get(e.label_id, []):
+                assert e.start >= t or e.end <= s
+            same.setdefault(e.label_id, []).append((e.start, e.end))
+    assert any(has_overlap_of_classes(v.events) for v in ds.videos.values())
+    raw = json.loads(path.read_text())
+    assert set(raw) == {"database"} and {"subset", "duration", "annotations"} <= set(next(iter(raw["database"].values())))
+
+
+def test_features_load_as_the_unav_loader_does(synth):
+    out, path = synth
+    ds = load_annotations(path)
+    steps = []
+    for vid, v in ds.videos.items():
+        visual, audio = load_video_features(out / "features", vid)
+        assert visual.shape[1] == 32 and audio.shape[1] == 16 and visual.shape[0] == audio.shape[0]
+        assert visual.dtype == np.float32 and visual.shape[0] == UNAV_GRID.steps(v.duration)
+        steps.append(np.load(feature_paths(out / "features", vid)["rgb"]).shape[0] - visual.shape[0])
+    assert set(steps) <= {0, 1}
+    assert check_folder(out / "features", list(ds.videos)) == []
+
+
+def test_events_are_in_the_features_where_the_labels_say(synth):
+    """A class prototype's projection is larger inside that class's events than outside (the signal is real)."""
+    out, path = synth
+    ds = load_annotations(path)
+    inside, outside = [], []
+    for vid, v in ds.videos.items():
+        visual, _ = load_video_features(out / "features", vid)
+        t = UNAV_GRID.centres(visual.shape[0])
+        norm = np.linalg.norm(visual, axis=1)
+        on = np.zeros(len(t), bool)
+        for e in v.events:
+            on |= (t > e.start + 0.5) & (t < e.end - 0.5)
+        inside += norm[on].tolist()
+        outside += norm[~on].tolist()
+    assert np.mean(inside) > np.mean(outside) + 0.5
+
+
+def test_deterministic_per_seed(tmp_path):
+    a = generate_feature_dataset(tmp_path / "a", FeatureSynthConfig(train=2, val=1, test=1, seed=7))
+    b = generate_feature_dataset(tmp_path / "b", FeatureSynthConfig(train=2, val=1, test=1, seed=7))
+    assert a.read_bytes() == b.read_bytes()
+    for f in (tmp_path / "a" / "features").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / "features" / f.name).read_bytes()
+
+
+def test_bad_feature_files_are_named(synth, tmp_path):
+    out, path = synth
+    with pytest.raises(UserError, match="feature file of video 'nope' not found"):
+        load_video_features(out / "features", "nope")
+    (tmp_path / "v_rgb.npy").write_bytes(b"not numpy")
+    np.save(tmp_path / "v_flow.npy", np.zeros((5, 4), np.float32))
+    np.save(tmp_path / "v_vggish.npy", np.zeros((9, 4), np.float32))
+    with pytest.raises(UserError, match="v_rgb.npy: not a readable .npy"):
+        load_video_features(tmp_path, "v")
+    problems = " | ".join(check_folder(tmp_path, ["v", "w"]))
+    assert "v_rgb.npy unreadable" in problems and "'w': w_rgb.npy missing" in problems
+
+
+def test_dataset_commands(synth, tmp_path):
+    out, path = synth
+    cli = [sys.executable, "-m", "pipeline.cli", "dense", "dataset"]
+    r = subprocess.run([*cli, "summary", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0 and "validation" in r.stdout, r.stderr
+    r = subprocess.run([*cli, "check", str(path), "--features", str(out / "features")], capture_output=True, text=True)
+    assert r.returncode == 0 and "0 problem(s)" in r.stdout, r.stdout + r.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"database": {"v": {"subset": "test", "duration": 5.0, "annotations": [
+        {"segment": [4, 9], "label": "dog", "label_id": 0}]}}}))
+    r = subprocess.run([*cli, "check", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1 and "outside the video" in r.stdout
