@@ -564,6 +564,16 @@ def write_video(path: Path, visual: Sequence[int | None], audio: Sequence[int | 
             x, y = motion.at(i)
             np.copyto(img[y:y + size, x:x + size], rgb, where=mask)
         frames.append(rgb_to_yuv420(img))
+    encode_mp4(path, frames, samples, fps=fps, width=width, height=height, sample_rate=sample_rate)
+
+
+def encode_mp4(path: Path, frames: Sequence[np.ndarray], samples: np.ndarray | None, *, fps: int, width: int,
+               height: int, sample_rate: int) -> None:
+    """yuv420p frames (and a mono float track, or None for no audio stream) -> one MP4, H.264 + AAC, interleaved
+    per second, byte-deterministic (X264_PARAMS), written under a temporary name and renamed."""
+    import av
+
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         with av.open(str(tmp), "w", format="mp4") as container:

@@ -110,3 +110,23 @@ def test_dataset_commands(synth, tmp_path):
         {"segment": [4, 9], "label": "dog", "label_id": 0}]}}}))
     r = subprocess.run([*cli, "check", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1 and "outside the video" in r.stdout
+
+
+def test_untrimmed_videos_are_real_mp4s_with_overlapping_events(tmp_path):
+    from pipeline import media
+    from pipeline.dense.videos import VideoSynthConfig, generate_video_dataset
+
+    cfg = VideoSynthConfig(train=2, val=0, test=1, classes=3, seed=2, min_length_s=20, max_length_s=24, fps=4,
+                           width=64, height=48, overlap_share=1.0)
+    path = generate_video_dataset(tmp_path / "a", cfg)
+    ds = load_annotations(path)
+    assert ds.problems == [] and len(ds.videos) == 3
+    assert all(has_overlap_of_classes(v.events) for v in ds.videos.values())  # overlap_share 1: every video
+    for v in ds.videos.values():
+        d = media.decode(tmp_path / "a" / "videos" / f"{v.id}.mp4", segments=int(v.duration), frames_per_segment=1)
+        assert abs(d.info.duration_s - v.duration) < 0.3 and d.info.audio_status != "missing"
+        assert d.frames.shape[1:] == (48, 64, 3) and float(np.abs(d.audio).max()) > 0.05  # events are audible
+    again = generate_video_dataset(tmp_path / "b", cfg)  # deterministic per seed, to the byte
+    assert path.read_bytes() == again.read_bytes()
+    for f in (tmp_path / "a" / "videos").iterdir():
+        assert f.read_bytes() == (tmp_path / "b" / "videos" / f.name).read_bytes()

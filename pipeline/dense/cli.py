@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.errors import UserError
+
 
 dense_app = typer.Typer(no_args_is_help=True, help="Dense AVEL in untrimmed videos (the UnAV-100 layout).")
 dataset_app = typer.Typer(no_args_is_help=True, help="Look at a UnAV-100 annotation file.")
@@ -62,19 +64,37 @@ def dataset_check(annotations: Path = AnnotationsArg,
 
 
 @dense_app.command()
-def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation JSON and the feature files."),
-          train: int = typer.Option(120, help="Training videos."), val: int = typer.Option(30, help="Validation."),
-          test: int = typer.Option(30, help="Test videos."), classes: int = typer.Option(6, help="Classes."),
+def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation JSON and the videos or features."),
+          kind: str = typer.Option("features", help="features (.npy files, seconds) or videos (real MP4 files)."),
+          train: Optional[int] = typer.Option(None, help="Training videos (features 120, videos 24)."),
+          val: Optional[int] = typer.Option(None, help="Validation videos (30 / 6)."),
+          test: Optional[int] = typer.Option(None, help="Test videos (30 / 6)."),
+          classes: Optional[int] = typer.Option(None, help="Classes (6 / 4)."),
           seed: int = typer.Option(0, help="Same seed, same files."),
-          shape_mode: bool = typer.Option(False, "--shape-mode", help="UnAV's real widths (1024+1024, 128).")):
-    """A synthetic untrimmed dataset as feature files in the UnAV-100 layout (no videos: for fast tests)."""
-    from pipeline.dense.synthetic import FeatureSynthConfig, generate_feature_dataset
+          shape_mode: bool = typer.Option(False, "--shape-mode", help="features: UnAV's widths (1024+1024, 128).")):
+    """A synthetic untrimmed dataset in the UnAV-100 layout: feature files directly (fast tests) or real videos."""
+    sizes = {k: v for k, v in (("train", train), ("val", val), ("test", test), ("classes", classes)) if v is not None}
+    if kind == "features":
+        from pipeline.dense.synthetic import FeatureSynthConfig, generate_feature_dataset
 
-    cfg = FeatureSynthConfig(train=train, val=val, test=test, classes=classes, seed=seed,
-                             **({"rgb_dim": 1024, "flow_dim": 1024, "audio_dim": 128} if shape_mode else {}))
-    with console.status("writing features"):
-        path = generate_feature_dataset(out, cfg)
-    console.print(f"wrote {path} and {train + val + test} x 3 feature files in {out}")
+        cfg = FeatureSynthConfig(seed=seed, **sizes, **({"rgb_dim": 1024, "flow_dim": 1024, "audio_dim": 128}
+                                                          if shape_mode else {}))
+        with console.status("writing features"):
+            path = generate_feature_dataset(out, cfg)
+        console.print(f"wrote {path} and {cfg.train + cfg.val + cfg.test} x 3 feature files in {out / 'features'}")
+    elif kind == "videos":
+        from rich.progress import Progress
+
+        from pipeline.dense.videos import VideoSynthConfig, generate_video_dataset
+
+        cfg = VideoSynthConfig(seed=seed, **sizes)
+        n = cfg.train + cfg.val + cfg.test
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("rendering videos", total=n)
+            path = generate_video_dataset(out, cfg, progress=lambda done, total: progress.update(task, completed=done))
+        console.print(f"wrote {path} and {n} videos in {out / 'videos'}")
+    else:
+        raise UserError(f"--kind {kind!r}: features or videos")
 
 
 @dense_app.command()
