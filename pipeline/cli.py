@@ -679,7 +679,7 @@ STARTS_PROCESSES = {"synth", "extract", "finetune", "train", "compare", "evaluat
 def main() -> None:
     from pipeline.runtime import configure_process
 
-    if len(sys.argv) > 1 and sys.argv[1] in STARTS_PROCESSES:
+    if len(sys.argv) > 1 and (sys.argv[1] in STARTS_PROCESSES or sys.argv[1:3] == ["dense", "extract"]):
         from pipeline import reaper
 
         reaper.start()  # before any child process exists, so that each inherits the run's token

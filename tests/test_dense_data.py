@@ -55,7 +55,7 @@ def test_features_load_as_the_unav_loader_does(synth):
         visual, audio = load_video_features(out / "features", vid)
         assert visual.shape[1] == 32 and audio.shape[1] == 16 and visual.shape[0] == audio.shape[0]
         assert visual.dtype == np.float32 and visual.shape[0] == UNAV_GRID.steps(v.duration)
-        steps.append(np.load(feature_paths(out / "features", vid)["rgb"]).shape[0] - visual.shape[0])
+        steps.append(np.load(feature_paths(out / "features", vid)["_rgb.npy"]).shape[0] - visual.shape[0])
     assert set(steps) <= {0, 1}
     assert check_folder(out / "features", list(ds.videos)) == []
 

@@ -98,6 +98,44 @@ def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation
 
 
 @dense_app.command()
+def extract(dataset: Path = typer.Option(..., "--dataset", help="Folder with the annotation JSON and videos/<id>.mp4."),
+            root: Path = typer.Option(Path("artifacts"), "--root", help="Artifact store root."),
+            grid: str = typer.Option("unav", help="unav (0.96-s windows every 0.32 s) or 1s."),
+            frames_per_window: int = typer.Option(4, "--frames-per-window", help="ResNet-50 frames averaged per window."),
+            crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Smaller crops for CPU runs (default 224)."),
+            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="ResNet-50 weights file."),
+            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 weights file."),
+            random_init: bool = typer.Option(False, "--random-init", help="Random encoders (testing only)."),
+            max_failure_share: float = typer.Option(0.0, "--max-failure-share", help="Share of videos allowed to fail."),
+            device: str = typer.Option("auto", help="auto, cpu, cuda."),
+            precision: str = typer.Option("auto", help="auto, fp32, bf16."),
+            force: bool = typer.Option(False, help="Recompute even if these features exist.")):
+    """Dense features of untrimmed videos (ResNet-50 + Cnn14 per window), one .npy per video and modality."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.config import validate
+    from pipeline.dense.extract import DenseExtractConfig, dense_extract
+
+    cfg = validate(DenseExtractConfig, {"grid": grid, "frames_per_window": frames_per_window, "crop_size": crop_size,
+                                        "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
+                                        "random_init": random_init, "max_failure_share": max_failure_share,
+                                        "device": device, "precision": precision}, "dense extract")
+    if random_init:
+        console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; the features are "
+                      "for testing the pipeline only.")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("dense extraction", total=None)
+        r = dense_extract(dataset, cfg, root, force=force,
+                          progress=lambda done, total, vid: bar.update(task, completed=done, total=total,
+                                                                       description=f"dense extraction: {vid}"))
+    for vid, why in r.failed.items():
+        console.print(f"[yellow]failed:[/yellow] {vid}: {why}", highlight=False, soft_wrap=True)
+    console.print(f"{'reused' if r.reused else 'wrote'} {r.videos - len(r.failed)} of {r.videos} videos' features in "
+                  f"{r.features}", highlight=False, soft_wrap=True)
+
+
+@dense_app.command()
 def evaluate(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 annotation JSON (or its folder)."),
              predictions: Path = typer.Option(..., "--predictions", help='{"results": {video: [{"segment": [s, e], '
                                                                           '"label": id or name, "score": x}]}}'),

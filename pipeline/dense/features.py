@@ -2,12 +2,14 @@
 
 One folder, three files per video: `<vid>_rgb.npy` [T, 1024], `<vid>_flow.npy` [T, 1024] (I3D) and
 `<vid>_vggish.npy` [T, 128] (VGGish); visual = rgb (+) flow, both modalities cut to the shorter length
-(`shared/reference/dense-avel-spec.md` §2.3). The grid: step i covers frames [8i, 8i + 24) at 25 fps, i.e. 0.96-s
+(`shared/reference/dense-avel-spec.md` §2.3). Folders written by `avel dense extract` hold other files (ResNet-50,
+Cnn14) and a `features.json` that names them; the reader follows it. The grid: step i covers frames [8i, 8i + 24) at 25 fps, i.e. 0.96-s
 windows every 0.32 s, centred at t = 0.32 i + 0.48 s.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,31 +18,28 @@ import numpy as np
 from pipeline.errors import UserError
 
 MODALITY_FILES = {"rgb": "_rgb.npy", "flow": "_flow.npy", "audio": "_vggish.npy"}
+LAYOUT_FILE = "features.json"  # in a feature folder made by `avel dense extract`: which files form which modality
+UNAV_LAYOUT = {"visual": ["_rgb.npy", "_flow.npy"], "audio": ["_vggish.npy"]}  # the released I3D + VGGish files
 
 
 @dataclass(frozen=True)
 class TimeGrid:
-    """Windows of `window` frames every `stride` frames at `fps` (UnAV: 24, 8, 25)."""
+    """Windows of `window_s` seconds every `stride_s` seconds, the first starting at 0 (UnAV: 24 frames every 8 at
+    25 fps = 0.96 s every 0.32 s; window i is centred at stride_s * i + window_s / 2)."""
 
-    fps: float = 25.0
-    window: int = 24
-    stride: int = 8
-
-    @property
-    def step_s(self) -> float:
-        return self.stride / self.fps
+    window_s: float = 0.96
+    stride_s: float = 0.32
 
     def to_grid(self, seconds: float) -> float:
-        """Seconds -> grid units (the window whose centre is at `seconds`): g = (fps t - window / 2) / stride."""
-        return (self.fps * seconds - self.window / 2) / self.stride
+        """Seconds -> grid units (the index of the window centred there): g = (t - window / 2) / stride."""
+        return (seconds - self.window_s / 2) / self.stride_s
 
     def to_seconds(self, g: float) -> float:
-        return (self.stride * g + self.window / 2) / self.fps
+        return self.stride_s * g + self.window_s / 2
 
     def steps(self, duration_s: float) -> int:
         """Windows that fit in a video of this length (at least 1)."""
-        frames = int(np.floor(duration_s * self.fps + 1e-9))
-        return max(1, (frames - self.window) // self.stride + 1)
+        return max(1, int(np.floor((duration_s - self.window_s) / self.stride_s + 1e-6)) + 1)
 
     def centres(self, n: int) -> np.ndarray:
         return self.to_seconds(np.arange(n, dtype=np.float64))
@@ -49,28 +48,45 @@ class TimeGrid:
 UNAV_GRID = TimeGrid()
 
 
+def folder_layout(folder: Path) -> dict[str, list[str]]:
+    """Which file suffixes make each modality: the folder's features.json, else UnAV-100's released layout."""
+    path = Path(folder) / LAYOUT_FILE
+    if not path.is_file():
+        return UNAV_LAYOUT
+    try:
+        layout = json.loads(path.read_text(encoding="utf-8"))
+        return {"visual": list(layout["visual"]), "audio": list(layout["audio"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable feature layout ({e}); it must say {{'visual': [suffixes], "
+                        f"'audio': [suffixes]}}") from None
+
+
 def feature_paths(folder: Path, vid: str) -> dict[str, Path]:
-    return {m: Path(folder) / f"{vid}{suffix}" for m, suffix in MODALITY_FILES.items()}
+    """Every file of one video, by suffix ("_rgb.npy": path)."""
+    layout = folder_layout(folder)
+    return {suffix: Path(folder) / f"{vid}{suffix}" for m in ("visual", "audio") for suffix in layout[m]}
 
 
 def load_video_features(folder: Path, vid: str) -> tuple[np.ndarray, np.ndarray]:
-    """(visual [T, rgb + flow], audio [T, A]) float32, cut to the shorter modality, as the UnAV loader does."""
-    paths = feature_paths(folder, vid)
+    """(visual [T, Dv], audio [T, Da]) float32, each the concatenation of its files (UnAV: rgb + flow), cut to the
+    shorter modality, as the UnAV loader does."""
+    layout = folder_layout(folder)
     arrays = {}
-    for m, p in paths.items():
+    for suffix, p in feature_paths(folder, vid).items():
         if not p.is_file():
-            raise UserError(f"{p}: feature file of video {vid!r} not found (expected {', '.join(MODALITY_FILES.values())} "
-                            f"per video in {folder})")
+            raise UserError(f"{p}: feature file of video {vid!r} not found (expected "
+                            f"{', '.join(s for m in layout.values() for s in m)} per video in {folder})")
         try:
             x = np.load(p, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise UserError(f"{p}: not a readable .npy file ({str(e).splitlines()[0]})") from None
         if x.ndim != 2 or x.shape[0] < 1:
             raise UserError(f"{p}: features must be [T, D] with T >= 1, got shape {list(x.shape)}")
-        arrays[m] = x.astype(np.float32, copy=False)
+        arrays[suffix] = x.astype(np.float32, copy=False)
     t = min(a.shape[0] for a in arrays.values())
-    visual = np.concatenate([arrays["rgb"][:t], arrays["flow"][:t]], axis=1)
-    return visual, arrays["audio"][:t]
+    visual = np.concatenate([arrays[s][:t] for s in layout["visual"]], axis=1)
+    audio = np.concatenate([arrays[s][:t] for s in layout["audio"]], axis=1)
+    return visual, audio
 
 
 def check_folder(folder: Path, videos: list[str]) -> list[str]:
@@ -81,7 +97,7 @@ def check_folder(folder: Path, videos: list[str]) -> list[str]:
         return [f"{folder}: feature folder not found"]
     for vid in videos:
         shapes = {}
-        for m, p in feature_paths(folder, vid).items():
+        for m, p in feature_paths(folder, vid).items():  # m: the file suffix
             if not p.is_file():
                 problems.append(f"video {vid!r}: {p.name} missing")
                 continue

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dense.annotations import DenseVideo, Event, write_annotations
-from pipeline.dense.features import UNAV_GRID, feature_paths
+from pipeline.dense.features import MODALITY_FILES, UNAV_GRID
 from pipeline.errors import UserError
 
 ANNOTATIONS = "unav100_annotations.json"  # the name the UnAV repository gives its annotation file
@@ -140,9 +140,9 @@ def generate_feature_dataset(out: Path, cfg: FeatureSynthConfig = FeatureSynthCo
             for m in (("audio",) if rng.random() < 0.5 else ("rgb", "flow")):
                 feats[m] += env * proto[m][c]
         longer = rng.random() < cfg.longer_visual_share
-        for m, p in feature_paths(out / "features", vid).items():
+        for m, suffix in MODALITY_FILES.items():
             steps = t + 1 if (longer and m != "audio") else t
-            np.save(p, feats[m][:steps].astype(np.float32))
+            np.save(out / "features" / f"{vid}{suffix}", feats[m][:steps].astype(np.float32))
         videos.append(DenseVideo(vid, subset, round(length, 3),
                                  [Event(round(s, 3), round(e, 3), names[c], c) for s, e, c in events]))
     path = out / ANNOTATIONS

@@ -154,7 +154,7 @@ def generate_video_dataset(out: Path, cfg: VideoSynthConfig = VideoSynthConfig()
     for i, subset in enumerate(subsets):
         rng = np.random.default_rng([cfg.seed, 0x7E0, i])
         vid = f"dsyn{cfg.seed:02d}_{i:04d}"
-        length = round(float(rng.uniform(cfg.min_length_s, cfg.max_length_s)), 2)
+        length = round(float(rng.uniform(cfg.min_length_s, cfg.max_length_s)) * cfg.fps) / cfg.fps  # whole frames
         events, audio, distractors = plan_events(rng, length, cfg)
         visible = events + [d for d in distractors if d.label_id >= 0]
         audible = audio + [Span(d.start, d.end, -d.label_id - 1) for d in distractors if d.label_id < 0]
