@@ -1,7 +1,7 @@
 """Feature extraction: our stage against the reference's naive way, and peak memory for 10 vs 100 videos.
 
 Throughput (same videos, same encoders, same device, same frames per segment, in one run):
-- ours: `pipeline.extract.extract` (decord grid decode in `--workers` processes overlapping the encoder,
+- ours: `pipeline.ave.extract.extract` (decord grid decode in `--workers` processes overlapping the encoder,
   batched uint8 preprocessing on the device, frames batched across videos, features streamed to HDF5);
 - naive, as CACE-Net's `visual_feature_extractor.py` / PANNs `inference.py` do it: decode every frame of the video,
   pick the grid frames with `int(l*fi + i/F*fi)`, PIL `ResNet50_Weights.IMAGENET1K_V2.transforms()` per frame
@@ -56,7 +56,7 @@ from pipeline.runtime import resolve_device  # noqa: E402
 
 def make_dataset(root: Path, videos: int, seed: int = 0) -> Path:
     """AVE-like videos (320x240, 25 fps, 10 s, H.264 + AAC 44.1 kHz), cached between runs."""
-    from pipeline.synth import SynthConfig, generate_dataset, is_synth_output
+    from pipeline.ave.synth import SynthConfig, generate_dataset, is_synth_output
 
     out = root / f"synth-{videos}-s{seed}"
     if not is_synth_output(out):
@@ -74,7 +74,7 @@ def sync(device):
 # ---- ours -------------------------------------------------------------------------------------------------------
 def run_ours(dataset: Path, modality: str, fps_seg: int, device: str, workers: int, batch: int,
              precision: str = "auto", root: Path | None = None) -> dict:
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.ave.extract import ExtractConfig, extract
 
     cfg = ExtractConfig(modality=modality, frames_per_segment=fps_seg, random_init=True, device=device,
                         workers=workers, precision=precision)  # one video per forward; `batch` is the naive path's
@@ -266,7 +266,7 @@ def register_null_visual():
 
 
 def ours_data_path(dataset: Path, fps_seg: int, workers: int, batch: int) -> dict:
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.ave.extract import ExtractConfig, extract
 
     register_null_visual()
     cfg = ExtractConfig(modality="visual", visual_encoder="null-visual", frames_per_segment=fps_seg,
@@ -334,7 +334,7 @@ def peak_memory(dataset: Path, fps_seg: int, device: str, workers: int, batch: i
     """Run the whole stage in a child process. With workers=0 (the default here) the child's high-water RSS
     (`ru_maxrss` from wait4) is exact; with decoding workers, the PSS of the process tree is sampled every 0.1 s."""
     code = ("import sys, tempfile; from pathlib import Path; sys.path.insert(0, %r); "
-            "from pipeline.extract import ExtractConfig, extract; "
+            "from pipeline.ave.extract import ExtractConfig, extract; "
             "cfg = ExtractConfig(frames_per_segment=%d, random_init=True, device=%r, workers=%d); "
             "d = tempfile.mkdtemp(); extract(%r, cfg, Path(d)); import shutil; shutil.rmtree(d)"
             % (str(REPO), fps_seg, device, workers, str(dataset)))

@@ -1,6 +1,6 @@
 """Images per second of the fine-tuning step (ResNet-50 + projection heads, symmetric InfoNCE), fp32 against bf16.
 
-The step `pipeline/finetune.py` runs, on random frames already decoded and normalized (the data path is measured
+The step `pipeline/ave/finetune.py` runs, on random frames already decoded and normalized (the data path is measured
 by `benchmarks/extraction.py`): forward through the trunk (frozen stages without autograd, trainable ones with),
 the heads, the loss in float32, backward, SGD step. Layouts: contiguous (the old CPU path) and channels_last (what
 the stage runs on every device now); precisions: fp32, and bf16 autocast where the device has native bf16 (or with

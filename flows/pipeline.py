@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.tasks import (evaluate_task, extract_task, finetune_task, prepare_dataset, results_table, train_task)
 from pipeline.config import dump_config
-from pipeline.pipeline_config import forced_stages, resolve_config
+from pipeline.ave.pipeline_config import forced_stages, resolve_config
 
 
 @flow(name="avel-pipeline", log_prints=True)

@@ -93,7 +93,7 @@ class Progress:
 @task(name="prepare-dataset", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def prepare_dataset(dataset: dict, root: str) -> str:
     """The dataset folder: the given one (checked), or a synthetic one generated under <root>/datasets/."""
-    from pipeline.synth import MARKER, SynthConfig, generate_dataset
+    from pipeline.ave.synth import MARKER, SynthConfig, generate_dataset
 
     if dataset.get("path"):
         path = Path(dataset["path"])
@@ -124,7 +124,7 @@ def prepare_dataset(dataset: dict, root: str) -> str:
 
 @task(name="extract", tags=GPU, cache_policy=NO_CACHE)
 def extract_task(dataset: str, extract_cfg: dict, root: str, modality: str, label: str, force: bool = False) -> dict:
-    from pipeline.extract import ExtractConfig, extract
+    from pipeline.ave.extract import ExtractConfig, extract
 
     cfg = ExtractConfig.model_validate({**extract_cfg, "modality": modality})
     progress = Progress(label)
@@ -140,7 +140,7 @@ def extract_task(dataset: str, extract_cfg: dict, root: str, modality: str, labe
 @task(name="finetune", tags=GPU, cache_policy=NO_CACHE)
 def finetune_task(dataset: str, audio_h5: str, finetune_cfg: dict, root: str, resnet_weights: str | None,
                   random_init: bool, force: bool = False) -> dict:
-    from pipeline.finetune import FinetuneConfig, finetune_stage
+    from pipeline.ave.finetune import FinetuneConfig, finetune_stage
 
     cfg = FinetuneConfig.model_validate(finetune_cfg)
     progress = Progress("finetune", cfg.epochs, "epochs (measuring retrieval before)")
@@ -159,8 +159,8 @@ def finetune_task(dataset: str, audio_h5: str, finetune_cfg: dict, root: str, re
 @task(name="train", tags=GPU, cache_policy=NO_CACHE)
 def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, root: str, label: str = "train",
                force: bool = False) -> dict:
-    from pipeline.features import from_dataset
-    from pipeline.train import TrainConfig, train_stage
+    from pipeline.ave.features import from_dataset
+    from pipeline.ave.train import TrainConfig, train_stage
 
     cfg = TrainConfig.model_validate(train_cfg)
     fs = from_dataset(Path(dataset), Path(visual_h5), Path(audio_h5))
@@ -183,15 +183,15 @@ def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, roo
 @task(name="evaluate", tags=GPU, cache_policy=NO_CACHE)
 def evaluate_task(checkpoint: str, dataset: str, visual_h5: str, audio_h5: str, root: str, split: str = "test",
                   force: bool = False) -> dict:
-    from pipeline.features import from_dataset
-    from pipeline.train import evaluate_stage
+    from pipeline.ave.features import from_dataset
+    from pipeline.ave.train import evaluate_stage
 
     fs = from_dataset(Path(dataset), Path(visual_h5), Path(audio_h5))
     t0 = time.perf_counter()
     result = evaluate_stage(Path(checkpoint), fs, Path(root), split, force=force)
     report = result.dir / f"report_{split}.md"
     if report.is_file():  # the Prefect UI cannot show local images: the artifact names the PNG files instead
-        from pipeline.plots import artifact_markdown
+        from pipeline.ave.plots import artifact_markdown
 
         create_markdown_artifact(artifact_markdown(report), key="evaluation-report",
                                  description=f"evaluation report ({split} split)")

@@ -42,7 +42,7 @@ def synth(out: Path = typer.Option(..., "--out", help="Folder to write the datas
           classes: int = typer.Option(4, help="Number of event classes (the first K AVE categories)."),
           seed: int = typer.Option(0, help="Random seed: same seed, same dataset.")):
     """Generate a synthetic dataset in the AVE layout (real H.264/AAC MP4 files, annotations, splits)."""
-    from pipeline.synth import SynthConfig, generate_dataset
+    from pipeline.ave.synth import SynthConfig, generate_dataset
 
     generate_dataset(out, SynthConfig(videos=videos, classes=classes, seed=seed))
     print_dataset_summary(ave.load_dataset(out))
@@ -157,7 +157,7 @@ def _size(n: int) -> str:
 # ---- the localizer ----------------------------------------------------------------------------------------------
 def _feature_set(features: Optional[Path], dataset: Optional[Path], visual: Optional[Path], audio: Optional[Path],
                  root: Path):
-    from pipeline import features as feats
+    from pipeline.ave import features as feats
 
     if features is not None:
         return feats.from_public_folder(features)
@@ -199,7 +199,7 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
     from rich.progress import Progress
 
     from pipeline.config import load_config
-    from pipeline.train import TrainConfig, train_seeds
+    from pipeline.ave.train import TrainConfig, train_seeds
 
     overrides = list(set_) + [f"{k}={v}" for k, v in (("model", model), ("epochs", epochs), ("select_on", select_on),
                                                       ("device", device), ("precision", precision)) if v is not None]
@@ -257,9 +257,9 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     from rich.progress import Progress
 
     from models import list_localizers
-    from pipeline import compare as cmp
+    from pipeline.ave import compare as cmp
     from pipeline.config import load_config
-    from pipeline.train import TrainConfig
+    from pipeline.ave.train import TrainConfig
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in names if cmp.parse_variant(m).model not in list_localizers()]
@@ -304,7 +304,7 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
              no_wait: bool = NoWaitOption):
     """Evaluate a checkpoint: segment accuracy (papers' metric), per class, event/background P/R/F1."""
     _lock_policy(no_wait)
-    from pipeline.train import evaluate_stage
+    from pipeline.ave.train import evaluate_stage
 
     fs = _feature_set(features, dataset, visual, audio, root)
     for note in fs.notes:
@@ -362,8 +362,8 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline.config import load_config, validate
-    from pipeline.extract import ExtractConfig, TooManyFailures
-    from pipeline.extract import extract as run_extract
+    from pipeline.ave.extract import ExtractConfig, TooManyFailures
+    from pipeline.ave.extract import extract as run_extract
 
     given = {"modality": modality, "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
              "frames_per_segment": frames_per_segment, "dtype": dtype, "device": device, "workers": workers,
@@ -429,8 +429,8 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.config import load_config
-    from pipeline.features import newest_extraction
-    from pipeline.finetune import FinetuneConfig, finetune_stage
+    from pipeline.ave.features import newest_extraction
+    from pipeline.ave.finetune import FinetuneConfig, finetune_stage
 
     cfg = load_config(FinetuneConfig, config, list(set_) + ([f"precision={precision}"] if precision else []),
                       section="finetune")
@@ -497,7 +497,7 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
     """Localize events in your own videos: per second, event or background, class and probability (+ a picture)."""
     import numpy as np
 
-    from pipeline.predict import predict_videos
+    from pipeline.ave.predict import predict_videos
 
     def show_model(loc) -> None:
         enc = ", ".join(f"{m} {p.encoder} ({'random init, seed %d' % p.seed if p.random_init else p.source})"
@@ -560,8 +560,8 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
 def _check_pipeline_inputs(config_path: Path | None, overrides: list[str], force: list[str]):
     """Everything that can be checked before the flow starts: the config, --force names, the dataset folder and
     the weight files. A problem is a UserError (one `error:` line), never a flow traceback."""
-    from pipeline.extract import load_video_dataset, planned_weights
-    from pipeline.pipeline_config import forced_stages, resolve_config
+    from pipeline.ave.extract import load_video_dataset, planned_weights
+    from pipeline.ave.pipeline_config import forced_stages, resolve_config
 
     cfg = resolve_config(str(config_path) if config_path else None, None, overrides)
     forced_stages(force)
@@ -636,7 +636,7 @@ VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's own log li
 
 
 @app.command()
-def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML (see pipeline/demo.yaml)."),
+def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML (see pipeline/ave/demo.yaml)."),
         set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
         root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config)."),
@@ -653,9 +653,9 @@ def demo(root: Path = RootOption,
          force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
          verbose: bool = VerboseOption,
          no_wait: bool = NoWaitOption):
-    """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/demo.yaml)."""
+    """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/ave/demo.yaml)."""
     _lock_policy(no_wait)
-    from pipeline.pipeline_config import demo_config_path
+    from pipeline.ave.pipeline_config import demo_config_path
 
     _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force), verbose)
 

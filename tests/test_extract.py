@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from extractors import create_extractor, list_extractors, register_extractor
 from extractors.base import Extractor
 from extractors.weights import WeightsInfo
-from pipeline import extract as ex
+from pipeline.ave import extract as ex
 from pipeline import media
 from pipeline.ave import load_dataset
 from pipeline.runtime import pinned_threads
 from pipeline.errors import UserError
 from pipeline.store import file_sha256
-from pipeline.synth import SynthConfig, generate_dataset, write_video
+from pipeline.ave.synth import SynthConfig, generate_dataset, write_video
 
 TESTS = Path(__file__).resolve().parent
 
@@ -292,7 +292,7 @@ def test_killed_process_resumes(many_ds, tmp_path):
     whole = ex.extract(many_ds, cfg, tmp_path / "a")["visual"]
     root = tmp_path / "b"
     code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_extract as t; "
-            f"from pipeline import extract as ex; "
+            f"from pipeline.ave import extract as ex; "
             f"ex.extract({str(many_ds)!r}, ex.ExtractConfig.model_validate_json({cfg.model_dump_json()!r}), "
             f"{str(root)!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "AVEL_TEST_DELAY": "0.4"},
@@ -460,7 +460,7 @@ def test_cnn14_checkpoint_loads(tmp_path):
 
 def test_smaller_crops_give_smaller_maps_and_their_own_key():
     from extractors.resnet50 import ResNet50Extractor
-    from pipeline.extract import ExtractConfig, key_config
+    from pipeline.ave.extract import ExtractConfig, key_config
 
     ext = ResNet50Extractor(random_init=True, device="cpu", frames_per_segment=1, crop_size=64)
     assert ext.segment_shape == (2, 2, 2048) and ext.resize_size == [66] and ext.crop_size == [64, 64]

@@ -20,7 +20,7 @@ import torch
 
 from pipeline import locks
 from pipeline.store import ArtifactStore
-from pipeline.synth import SynthConfig, generate_dataset
+from pipeline.ave.synth import SynthConfig, generate_dataset
 from tests.features_fixture import TINY_MODEL, write_feature_folder
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -341,10 +341,10 @@ def test_write_failures_name_the_folder_and_keep_the_artifact_incomplete(tmp_pat
     """Fault injection, for machines where no tmpfs can be mounted: the checkpoint write fails with ENOSPC."""
     import errno
 
-    from pipeline import train as train_mod
+    from pipeline.ave import train as train_mod
     from pipeline.cli import write_error
-    from pipeline.features import from_public_folder
-    from pipeline.train import TrainConfig, train_stage
+    from pipeline.ave.features import from_public_folder
+    from pipeline.ave.train import TrainConfig, train_stage
 
     fs = from_public_folder(write_feature_folder(tmp_path / "feats"))
     root = tmp_path / "store"

@@ -1,4 +1,4 @@
-"""Targeted fine-tuning (pipeline/finetune.py, models/finetune.py) on generated videos, random-initialised ResNet-50.
+"""Targeted fine-tuning (pipeline/ave/finetune.py, models/finetune.py) on generated videos, random-initialised ResNet-50.
 
 Small on purpose (crop 64, 2 frames per video, layer4 trainable, batch 4): a stage epoch takes a few seconds on
 2 CPU cores. The audio features are written directly (random [N,10,D] + valid): the audio encoder is frozen and
@@ -23,11 +23,11 @@ from models.finetune import AudioVisualContrastive, resolve_stages
 from models.losses import info_nce_loss
 from pipeline import ave
 from pipeline.errors import UserError
-from pipeline.finetune import (FinetuneConfig, Normalizer, VideoPairs, collate, eligible_videos, epoch_batches,
+from pipeline.ave.finetune import (FinetuneConfig, Normalizer, VideoPairs, collate, eligible_videos, epoch_batches,
                                finetune_stage, heldout_count, ids_in_test_split, pair_loss, prepare_data,
                                recall_at)
 from pipeline.store import file_sha256, read_manifest
-from pipeline.synth import SynthConfig, generate_dataset
+from pipeline.ave.synth import SynthConfig, generate_dataset
 
 AUDIO_DIM = 64  # not Cnn14's 2048: the dims come from the feature file
 CFG = FinetuneConfig(epochs=3, batch_size=4, lr=0.05, milestones=[1, 2], crop_size=64, frames_per_video=2,
@@ -277,8 +277,8 @@ def test_resume_continues_the_schedule(dataset, audio_h5, finished, tmp_path):
 
 @pytest.mark.slow
 def test_reextraction_uses_the_new_weights_and_reuses_audio(dataset, finished):
-    from pipeline.extract import ExtractConfig, extract
-    from pipeline.finetune import reextract_visual
+    from pipeline.ave.extract import ExtractConfig, extract
+    from pipeline.ave.finetune import reextract_visual
 
     result, root = finished
     cfg = ExtractConfig(random_init=True, frames_per_segment=1, workers=0, seed=CFG.seed)

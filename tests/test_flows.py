@@ -98,12 +98,12 @@ def test_pipeline_runs_reuses_and_reruns_only_what_changed(prefect_harness, tmp_
 
 
 def test_a_failing_stage_fails_the_run_and_keeps_finished_artifacts(prefect_harness, tmp_path, monkeypatch):
-    import pipeline.train
+    import pipeline.ave.train
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure in train")
 
-    monkeypatch.setattr(pipeline.train, "train_stage", broken)
+    monkeypatch.setattr(pipeline.ave.train, "train_stage", broken)
     state = full_pipeline(config=tiny_config(tmp_path), return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match="injected failure in train"):

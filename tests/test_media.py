@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline import media
-from pipeline.synth import write_video
+from pipeline.ave.synth import write_video
 
 
 def counter_video(path: Path, seconds: int, fps: int, audio: bool = True, sr: int = 44100) -> Path:

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import plots
-from pipeline.metrics import localization_metrics
-from pipeline.synth import AVE_CATEGORIES
+from pipeline.ave import plots
+from pipeline.ave.metrics import localization_metrics
+from pipeline.ave.synth import AVE_CATEGORIES
 from tests.features_fixture import CLASSES, TINY_MODEL, write_feature_folder
 
 
@@ -35,9 +35,9 @@ def assert_png(path: Path, width=(600, 4000), height=(200, 4000)) -> tuple[int, 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
-    """A tiny training run and its evaluation in a store: what the hooks in pipeline/train.py write."""
-    from pipeline.features import from_public_folder
-    from pipeline.train import TrainConfig, evaluate_stage, train_stage
+    """A tiny training run and its evaluation in a store: what the hooks in pipeline/ave/train.py write."""
+    from pipeline.ave.features import from_public_folder
+    from pipeline.ave.train import TrainConfig, evaluate_stage, train_stage
 
     d = tmp_path_factory.mktemp("plots")
     fs = from_public_folder(write_feature_folder(d / "feats"))

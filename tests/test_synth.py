@@ -1,4 +1,4 @@
-"""The synthetic AVE-format dataset generator (pipeline/synth.py): layout, determinism, ground truth, media."""
+"""The synthetic AVE-format dataset generator (pipeline/ave/synth.py): layout, determinism, ground truth, media."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.synth import (AVE_CATEGORIES, BACKGROUND_KINDS, EVENT, MISMATCH, SPLITS, SynthConfig, class_style,
+from pipeline.ave.synth import (AVE_CATEGORIES, BACKGROUND_KINDS, EVENT, MISMATCH, SPLITS, SynthConfig, class_style,
                             generate_dataset, plan_dataset, render_audio, write_video)
 
 # Small and fast; fps/size reduced where a test does not need AVE's (the decode test writes a full-size video).
@@ -142,7 +142,7 @@ def test_two_syntheses_at_the_same_time_write_the_same_bytes(tmp_path):
     import sys
 
     cfg = dict(videos=6, classes=3, seed=5, fps=5, width=64, height=48, sample_rate=16000)
-    code = ("import sys; from pathlib import Path; from pipeline.synth import SynthConfig, generate_dataset; "
+    code = ("import sys; from pathlib import Path; from pipeline.ave.synth import SynthConfig, generate_dataset; "
             f"generate_dataset(Path(sys.argv[1]), SynthConfig(**{cfg!r}), workers=3)")
     repo = Path(__file__).resolve().parents[1]
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name)], cwd=repo,
@@ -159,7 +159,7 @@ def test_two_syntheses_at_the_same_time_write_the_same_bytes(tmp_path):
 
 
 def test_rgb_to_yuv420_matches_bt601():
-    from pipeline.synth import rgb_to_yuv420
+    from pipeline.ave.synth import rgb_to_yuv420
 
     img = np.zeros((4, 4, 3), np.uint8)
     img[:2, :2] = (255, 0, 0)  # red block

@@ -10,9 +10,9 @@ import torch
 
 from models import CACEConfig, CACENet
 from pipeline.errors import UserError
-from pipeline.features import from_public_folder
-from pipeline.metrics import localization_metrics
-from pipeline.train import TrainConfig, evaluate, load_model, save_checkpoint, train_model, train_stage
+from pipeline.ave.features import from_public_folder
+from pipeline.ave.metrics import localization_metrics
+from pipeline.ave.train import TrainConfig, evaluate, load_model, save_checkpoint, train_model, train_stage
 from tests.features_fixture import TINY_MODEL, write_feature_folder
 
 
@@ -149,7 +149,7 @@ def test_standardized_features_travel_in_the_checkpoint(tmp_path):
 
 def _write_labels(folder, width, shift=0):
     from pipeline.ave import load_dataset
-    from pipeline.synth import AVE_CATEGORIES
+    from pipeline.ave.synth import AVE_CATEGORIES
 
     ds = load_dataset(folder)
     small = ds.segment_labels()  # [N,10,len(ds.classes)+1]
@@ -165,7 +165,7 @@ def _write_labels(folder, width, shift=0):
 def test_ave_width_labels_with_a_subset_of_classes_train_end_to_end(tmp_path, folder):
     """labels.h5 with AVE's 29 columns, Annotations.txt naming 3 classes: AVE's class list, checked, and a run
     that writes its predictions (this combination once crashed in write_predictions after all epochs)."""
-    from pipeline.synth import AVE_CATEGORIES
+    from pipeline.ave.synth import AVE_CATEGORIES
 
     _write_labels(folder, len(AVE_CATEGORIES))
     fs = from_public_folder(folder)

@@ -1,6 +1,6 @@
 """Synthetic untrimmed videos (real MP4 files) in the UnAV-100 layout, made with the AVE generator's engine.
 
-Each class keeps the object and the sound it has in `pipeline.synth` (shape, colour, texture / pitch, timbre,
+Each class keeps the object and the sound it has in `pipeline.ave.synth` (shape, colour, texture / pitch, timbre,
 rhythm); what is new is time: events start and end anywhere (frame and sample precision), several classes can be on
 screen and audible at once (each class's object drifts around its own home position), and a video lasts 20-120 s.
 An event is audible AND visible: its label is its visual interval, and its sound plays over the same interval shifted
@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.dense.annotations import DenseVideo, Event, write_annotations
 from pipeline.dense.synthetic import ANNOTATIONS
 from pipeline.errors import UserError
-from pipeline.synth import (AVE_CATEGORIES, MAX_CLASSES, _class_sound, _Motion, _pink_noise, _rng, _Scene, _sprite,
+from pipeline.ave.synth import (AVE_CATEGORIES, MAX_CLASSES, _class_sound, _Motion, _pink_noise, _rng, _Scene, _sprite,
                             encode_mp4, rgb_to_yuv420)
 
 VIDEOS = "videos"

@@ -18,9 +18,9 @@ import numpy as np
 
 from pipeline.config import apply_overrides, validate
 from pipeline.errors import UserError
-from pipeline.features import FeatureSet
+from pipeline.ave.features import FeatureSet
 from pipeline.store import atomic_path, write_json_atomic
-from pipeline.train import TrainConfig, TrainResult, train_stage
+from pipeline.ave.train import TrainConfig, TrainResult, train_stage
 
 
 @dataclass

@@ -265,8 +265,8 @@ class Localizer:
         """`precision`: the encoders' compute ("auto", "fp32", "bf16"); None = the one the checkpoint's training
         features were extracted with, so that predictions see features computed as the model saw them."""
         from extractors import create_extractor
-        from pipeline.features import FeatureNorm
-        from pipeline.train import load_model
+        from pipeline.ave.features import FeatureNorm
+        from pipeline.ave.train import load_model
 
         self.checkpoint = Path(checkpoint)
         self.device = resolve_device(device)
@@ -331,7 +331,7 @@ class Localizer:
                 "audio": {"encoder": "cnn14"}}
 
     def _assume_classes(self, n: int) -> list[str]:
-        from pipeline.synth import AVE_CATEGORIES
+        from pipeline.ave.synth import AVE_CATEGORIES
 
         if n == len(AVE_CATEGORIES):
             self.notes.append("the checkpoint does not record class names: assumed AVE's 28 categories in AVE's "
@@ -594,7 +594,7 @@ def _predict(loc: Localizer, path: Path, vp: VideoPrediction,
 
 
 def _plot(loc: Localizer, vp: VideoPrediction, png: Path, frames: np.ndarray, audio: np.ndarray, rate: int) -> None:
-    from pipeline.plots import timeline_png
+    from pipeline.ave.plots import timeline_png
 
     audio_note = {"missing": "no audio track: silence used", "failed": "audio not decodable: silence used"}.get(
         vp.audio_status or "")

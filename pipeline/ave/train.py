@@ -29,8 +29,8 @@ from models import derive_targets, family_of, get_family, list_localizers
 from models.registry import LocalizerFamily
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
-from pipeline.features import FeatureNorm, FeatureSet, SplitData, channel_stats
-from pipeline.metrics import localization_metrics, segment_accuracy
+from pipeline.ave.features import FeatureNorm, FeatureSet, SplitData, channel_stats
+from pipeline.ave.metrics import localization_metrics, segment_accuracy
 from pipeline.runtime import (autocast, flush_denormals, heap_allocations, load_torch_file, resolve_device,
                               resolve_precision, seed_everything)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
@@ -376,10 +376,10 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
 
 
 def _pictures(name: str, *args: Any) -> None:
-    """Call pipeline.plots.<name>(*args). Pictures are a by-product: a plotting problem is a warning, never a failed
+    """Call pipeline.ave.plots.<name>(*args). Pictures are a by-product: a plotting problem is a warning, never a failed
     (finished) training or evaluation. Imported here: matplotlib costs nothing to those who never plot."""
     try:
-        from pipeline import plots
+        from pipeline.ave import plots
 
         getattr(plots, name)(*args)
     except Exception as e:  # noqa: BLE001  (matplotlib can raise many types)

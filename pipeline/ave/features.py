@@ -188,7 +188,7 @@ def _class_names(labels_path: Path, ds: "ave.AVEDataset | None", labels: np.ndar
     names fewer when its rows use only some of them: with AVE's width (28 classes + background) and names that
     are all AVE categories, the columns are AVE's class order, provided every event segment's column is its
     row's category there (checked); any other disagreement is an error naming both files."""
-    from pipeline.synth import AVE_CATEGORIES
+    from pipeline.ave.synth import AVE_CATEGORIES
 
     width = labels.shape[-1] - 1
     if ds is None:

@@ -622,7 +622,7 @@ def _recalls(r: dict) -> dict:
 def reextract_visual(dataset_dir: Path, result: FinetuneResult, root: Path, extract_cfg=None, **kwargs):
     """Run the visual extraction with the fine-tuned weights (a new key: the weights' sha256 differs); the audio
     features are not touched, their stage key does not depend on the visual weights."""
-    from pipeline.extract import ExtractConfig, extract_visual
+    from pipeline.ave.extract import ExtractConfig, extract_visual
 
     cfg = (extract_cfg or ExtractConfig()).model_copy(update={"resnet_weights": result.weights,
                                                               "random_init": False, "modality": "visual"})
