@@ -10,6 +10,7 @@ Adding a localizer: write ``models/<name>.py`` with its ``FAMILY`` and add one l
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from typing import Any, Mapping, NamedTuple
 
 import torch.nn as nn
@@ -32,7 +33,7 @@ class SegmentPrediction(NamedTuple):
     class_prob: Tensor  # [B] probability of that class
 
 
-class LocalizerFamily:
+class LocalizerFamily(ABC):
     """What the harness needs from a localizer. Subclasses set the class attributes and override what differs.
 
     `options` is the training config as a plain mapping (epochs, the CACE-only contrastive switches, ...): a
@@ -58,12 +59,13 @@ class LocalizerFamily:
         """What begin_epoch switched, for the per-epoch metrics (CACE: whether BECE is on)."""
         return {}
 
+    @abstractmethod
     def loss(self, model: nn.Module, out: Any, labels: Tensor, options: Mapping[str, Any]):
         """(total loss, {term: value}) from the model's output and one-hot labels [B, T, C+1]."""
-        raise NotImplementedError
 
+    @abstractmethod
     def predict(self, model: nn.Module, out: Any, postprocessed: bool = True) -> SegmentPrediction:
-        raise NotImplementedError
+        """Per-second labels, event probability and the video's class from the model's output."""
 
     def tune_on_val(self, model: nn.Module, outputs: list[tuple[Any, Tensor]]) -> dict | None:
         """After training: settle what is chosen on validation outputs [(output, targets)] (AVE-CLIP: its
