@@ -321,7 +321,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         if on_epoch:
             on_epoch(record)
 
-    best_model, _ = load_model(best_path)
+    best_model, best_info = load_model(best_path)
     best_model.to(device=device, dtype=dtype)
     tuned = None
     if "val" in splits and len(splits["val"]):  # choices a family makes on validation (never on test)
@@ -329,8 +329,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
                    for o, y in _forward(best_model, splits["val"], cfg.eval_batch_size, precision)]
         tuned = family.tune_on_val(best_model, outputs)
         if tuned is not None:  # the checkpoint carries the chosen setting, so evaluate and predict use it
-            best_state = load_torch_file(best_path, "checkpoint")
-            save_checkpoint(best_path, best_model, **{k: v for k, v in best_state.items()
+            save_checkpoint(best_path, best_model, **{k: v for k, v in best_info.items()
                                                       if k not in ("format", "model", "state_dict", "model_config",
                                                                    "runtime_state")}, tuned_on_val=tuned)
     test_pred = infer(best_model, splits["test"], cfg.eval_batch_size, precision)

@@ -143,7 +143,6 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
         "visual": visual.describe(), "audio": audio.describe()}}
     write_json_atomic(features / LAYOUT_FILE, layout)
     run.manifest.warnings = [RANDOM_WARNING.format(modality=m) for m in ("visual", "audio") if cfg.random_init]
-    run.manifest.config = {**run.manifest.config, "resolved": {"grid": layout["grid"]}}
     run.save()
     t_start = time.perf_counter()
     try:
