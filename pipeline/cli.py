@@ -674,12 +674,14 @@ def schedule(cron: str = typer.Option(..., "--cron", help='Cron schedule, e.g. "
 
 # Commands that start processes (decoders, DataLoader workers, Prefect's server): a watcher ends them with the command
 STARTS_PROCESSES = {"synth", "extract", "finetune", "train", "compare", "evaluate", "predict", "run", "demo", "schedule"}
+DENSE_STARTS_PROCESSES = {"synth", "extract", "train", "evaluate", "predict", "run", "demo"}
 
 
 def main() -> None:
     from pipeline.runtime import configure_process
 
-    if len(sys.argv) > 1 and (sys.argv[1] in STARTS_PROCESSES or sys.argv[1:3] == ["dense", "extract"]):
+    if len(sys.argv) > 1 and (sys.argv[1] in STARTS_PROCESSES or (sys.argv[1] == "dense" and sys.argv[2:3] and
+                                                                  sys.argv[2] in DENSE_STARTS_PROCESSES)):
         from pipeline import reaper
 
         reaper.start()  # before any child process exists, so that each inherits the run's token

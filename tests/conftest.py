@@ -25,3 +25,13 @@ def ave_meta(shared):
     from pipeline.ave import load_dataset
 
     return load_dataset(shared / "ave")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for every flow test of the session (starting one costs 10-20 s)."""
+    pytest.importorskip("prefect")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

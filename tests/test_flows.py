@@ -1,6 +1,6 @@
 """The Prefect flows on a tiny generated dataset: completes, reuses, re-runs only what a change touches, fails cleanly.
 
-One Prefect test harness (a temporary server) for the whole session: starting it costs 10-20 s.
+One Prefect test harness (a temporary server, `prefect_harness` in conftest) for the whole session: 10-20 s.
 """
 
 import h5py
@@ -12,14 +12,6 @@ from flows.pipeline import full_pipeline  # noqa: E402  (after the importorskip)
 from pipeline.progress import Reporter, use_reporter  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 from tests.features_fixture import TINY_MODEL  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def tiny_config(root):

@@ -135,31 +135,259 @@ def extract(dataset: Path = typer.Option(..., "--dataset", help="Folder with the
                   f"{r.features}", highlight=False, soft_wrap=True)
 
 
-@dense_app.command()
-def evaluate(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 annotation JSON (or its folder)."),
-             predictions: Path = typer.Option(..., "--predictions", help='{"results": {video: [{"segment": [s, e], '
-                                                                          '"label": id or name, "score": x}]}}'),
-             split: str = typer.Option("test", help="train, validation or test."),
-             out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics as JSON here.")):
-    """mAP at tIoU 0.1:0.9 (ActivityNet-style AP per class), as UnAV-100 reports it."""
-    from pipeline.dense.annotations import load_annotations
-    from pipeline.dense.evaluate import evaluate as run_evaluation, load_predictions
+NoWaitOption = typer.Option(False, "--no-wait", help="If another run is computing an artifact this one needs, end "
+                                                       "at once with an error instead of waiting to reuse it.")
+RootOption = typer.Option(Path("artifacts"), "--root", help="Artifact store root.")
+FeaturesDirOption = typer.Option(None, "--features", help="Feature folder (default: features/ beside the "
+                                                          "annotations): UnAV-100's released I3D+VGGish .npy files, "
+                                                          "or one written by `avel dense extract`.")
 
-    ds = load_annotations(_annotations(annotations))
-    preds = load_predictions(predictions, ds)
-    r = run_evaluation(ds, preds, split)
-    table = Table(title=f"{r['split']}: {r['videos']} videos, {r['classes_evaluated']} classes, "
-                        f"{r['predictions']} predictions")
+
+def _lock_policy(no_wait: bool) -> None:
+    from pipeline.locks import set_wait
+
+    set_wait(not no_wait)
+
+
+def _map_table(title: str, m: dict) -> Table:
+    table = Table(title=title)
     table.add_column("tIoU")
     table.add_column("mAP %", justify="right")
-    for th, m in r["mAP"].items():
-        table.add_row(th, f"{100 * m:.2f}")
-    console.print(table)
+    for th, v in m["mAP"].items():
+        table.add_row(th, f"{100 * v:.2f}")
+    return table
+
+
+def _print_map(m: dict, title: str, prefix: str = "") -> None:
+    console.print(_map_table(title, m))
+    console.print(f"mean mAP over tIoU 0.5:0.9: {100 * m['average_mAP_0.5:0.9']:.2f} %")
+    console.print(f"{prefix}average mAP: {100 * m['average_mAP']:.2f} % (tIoU 0.1:0.9)")
+
+
+@dense_app.command()
+def train(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 annotation JSON (or its folder)."),
+          features: Optional[Path] = FeaturesDirOption, root: Path = RootOption,
+          config: Optional[Path] = typer.Option(None, "--config", help="Dense pipeline YAML (its `train:` section)."),
+          set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set epochs=20 --set model_args.lcf=true."),
+          size: Optional[str] = typer.Option(None, help="paper (UnAV widths, default) or cpu (spec §8's small size)."),
+          lcf: bool = typer.Option(False, "--lcf", help="LoCo's LCF modulation (our design)."),
+          lac: bool = typer.Option(False, "--lac", help="LoCo's LAC window attention (our design)."),
+          epochs: Optional[int] = typer.Option(None, help="Epochs (UnAV: 45)."),
+          seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, mean and std."),
+          device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+          force: bool = typer.Option(False, help="Retrain even if this config was trained on these features."),
+          no_wait: bool = NoWaitOption):
+    """Train the UnAV baseline (or LoCo with --lcf/--lac), select the epoch on validation, report test mAP once."""
+    _lock_policy(no_wait)
+    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.config import load_config
+    from pipeline.dense.data import load_dense_features
+    from pipeline.dense.train import DenseTrainConfig, train_stage
+
+    overrides = list(set_) + [f"{k}={v}" for k, v in (("size", size), ("epochs", epochs), ("device", device))
+                              if v is not None]
+    overrides += [f"model_args.{k}=true" for k, on in (("lcf", lcf), ("lac", lac)) if on]
+    cfg = load_config(DenseTrainConfig, config, overrides, section="train")
+    fs = load_dense_features(annotations, features)
+    seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    variant = "+".join(["baseline"] + [k.upper() for k in ("lcf", "lac") if cfg.model_args.get(k)])
+    console.print(f"dense detector: {variant}, {cfg.size} size, {len(fs.dataset.split('train'))} train / "
+                  f"{len(fs.dataset.split('validation'))} validation / {len(fs.dataset.split('test'))} test videos",
+                  highlight=False)
+    results = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("training", total=cfg.epochs * len(seed_list))
+        for seed in seed_list:
+            def on_epoch(r, seed=seed):
+                bar.update(task, advance=1, description=f"seed {seed} epoch {r['epoch'] + 1}: loss {r['loss']:.3f}, "
+                                                        f"val avg mAP {100 * r['val_avg_map']:.1f} %")
+            results.append(train_stage(fs, cfg.model_copy(update={"seed": seed}), root, force=force,
+                                       on_epoch=on_epoch))
+    for r in results:
+        m = r.metrics
+        console.print(f"seed {m['seed']}: {'reused' if r.reused else 'trained'} {r.dir}\n  best epoch "
+                      f"{m['best_epoch']} (validation avg mAP {100 * m['val_avg_map']:.2f} %), {m['parameters']:,} "
+                      f"parameters, {m['train_s_per_epoch']:.1f} s/epoch", highlight=False)
+    tested = [r.metrics for r in results if r.metrics.get("test_avg_map") is not None]
+    if not tested:
+        return
+    console.print(_map_table(f"test ({tested[0]['test_label']})", {"mAP": tested[-1]["test_map"]}))
+    avg = np.array([m["test_avg_map"] for m in tested]) * 100
+    if len(avg) > 1:
+        console.print(f"test average mAP over seeds {seed_list}: {avg.mean():.2f} +- {avg.std(ddof=1):.2f} %")
+    console.print(f"test average mAP: {avg.mean():.2f} % (tIoU 0.1:0.9)")
+
+
+@dense_app.command()
+def evaluate(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 annotation JSON (or its folder)."),
+             predictions: Optional[Path] = typer.Option(None, "--predictions", help='{"results": {video: [{"segment": '
+                                                        '[s, e], "label": id or name, "score": x}]}}'),
+             checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="best.pt of `avel dense train`: "
+                                                       "run it on the split's features instead."),
+             features: Optional[Path] = FeaturesDirOption,
+             split: str = typer.Option("test", help="train, validation or test."),
+             weights: Optional[str] = typer.Option(None, help="With --checkpoint: ema (as UnAV evaluates) or model "
+                                                   "(default: the weights its training scored test with)."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Also write the metrics (and predictions) here.")):
+    """mAP at tIoU 0.1:0.9 (ActivityNet-style AP per class), as UnAV-100 reports it: of a predictions file, or of a
+    checkpoint run on the features."""
+    from pipeline.dense.annotations import load_annotations
+    from pipeline.dense.evaluate import evaluate as run_evaluation, load_predictions
+    from pipeline.store import write_json_atomic
+
+    if (predictions is None) == (checkpoint is None):
+        raise UserError("give one of --predictions (a results JSON) or --checkpoint (a trained detector)")
+    if weights not in (None, "ema", "model"):
+        raise UserError(f"--weights {weights!r}: ema or model")
+    if checkpoint is not None:
+        from pipeline.dense.data import load_dense_features
+        from pipeline.dense.train import evaluate_checkpoint
+
+        fs = load_dense_features(annotations, features)
+        with console.status(f"running {checkpoint} on the {split} split"):
+            r = evaluate_checkpoint(checkpoint, fs, split, weights=weights, out_dir=out)
+    else:
+        ds = load_annotations(_annotations(annotations))
+        r = run_evaluation(ds, load_predictions(predictions, ds), split)
+        if out is not None:
+            write_json_atomic(out if out.suffix == ".json" else out / f"metrics_{r['split']}.json", r)
     if r["predictions_outside_split"]:
         console.print(f"{r['predictions_outside_split']} predictions in videos of other splits were not scored")
-    if out is not None:
-        from pipeline.store import write_json_atomic
+    _print_map(r, f"{r['split']}: {r['videos']} videos, {r['classes_evaluated']} classes, {r['predictions']} "
+                  f"predictions")
 
-        write_json_atomic(out, r)
-    console.print(f"mean mAP over tIoU 0.5:0.9: {100 * r['average_mAP_0.5:0.9']:.2f} %")
-    console.print(f"average mAP: {100 * r['average_mAP']:.2f} % (tIoU 0.1:0.9)")
+
+@dense_app.command()
+def predict(videos: list[Path] = typer.Argument(..., help="Untrimmed video files (any length) or folders of them."),
+            checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt of `avel dense train` (trained on "
+                                                                       "features from `avel dense extract`)."),
+            out: Path = typer.Option(Path("dense_predictions"), "--out", help="Folder for <video>.json and "
+                                                                               "<video>_timeline.png."),
+            annotations: Optional[Path] = typer.Option(None, "--annotations", help="An annotation JSON that knows "
+                                                       "these videos: their ground truth is drawn too."),
+            min_score: float = typer.Option(0.05, "--min-score", help="Events below this score are left out."),
+            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="Override the ResNet-50 "
+                                                          "weights recorded in the checkpoint."),
+            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Override the Cnn14 weights."),
+            device: str = typer.Option("auto", help="auto, cpu, cuda.")):
+    """Localize events in your own untrimmed videos: a JSON of events and a timeline picture per video."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipeline.dense.predict import expand_videos, predict_files
+
+    files = expand_videos(videos)
+    gt = None
+    if annotations is not None:
+        from pipeline.dense.annotations import load_annotations
+
+        ds = load_annotations(_annotations(annotations))
+        gt = {vid: [{"segment": [e.start, e.end], "label_id": e.label_id} for e in v.events]
+              for vid, v in ds.videos.items()}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("predicting", total=len(files))
+        results = predict_files(files, checkpoint, out, ground_truth=gt, min_score=min_score, device=device,
+                                resnet_weights=resnet_weights, cnn14_weights=cnn14_weights,
+                                progress=lambda n, total, vid: bar.update(task, completed=n,
+                                                                          description=f"predicting: {vid}"))
+    for r in results:
+        if "error" in r:
+            console.print(f"[yellow]skipped[/yellow] {r['video']}: {r['error']}", highlight=False, soft_wrap=True)
+            continue
+        console.print(f"{r['video']} ({r['duration_s']:.1f} s): {len(r['events'])} events >= {min_score} -> "
+                      f"{r['json']}, {r['timeline']}", highlight=False, soft_wrap=True)
+        for e in r["events"][:5]:
+            console.print(f"  {e['start']:7.2f}-{e['end']:7.2f} s  {e['label']}  {e['score']:.3f}", highlight=False)
+    if any(r.get("random_weights") for r in results):
+        console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; these events test "
+                      "the pipeline only.")
+    if all("error" in r for r in results):
+        raise typer.Exit(1)
+
+
+def _run_dense_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool,
+                        last_line: str = "average mAP") -> None:
+    import contextlib
+    import datetime
+    import os
+    import time
+
+    from rich.panel import Panel
+
+    from pipeline.dense.pipeline_config import forced_stages, resolve_dense_config
+    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
+
+    t0 = time.perf_counter()
+    cfg = resolve_dense_config(str(config_path) if config_path else None, overrides)  # bad config: fails now
+    forced_stages(force)
+    if cfg.dataset.path is not None:
+        from pipeline.dense.annotations import load_annotations
+
+        load_annotations(_annotations(cfg.dataset.path))
+    log = Path(cfg.root) / "logs" / f"dense-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    quiet = contextlib.nullcontext(console) if verbose else quiet_native_output(log)
+    with quiet as term:
+        random = cfg.extract.random_init and cfg.dataset.features is None
+        if random:
+            term.print(Panel("[bold]RANDOM WEIGHTS[/bold]: this run extracts features with randomly initialised "
+                             "encoders (extract.random_init). Its features, detector and mAP test the pipeline only; "
+                             "every manifest is marked so.", style="bold red"))
+        source = cfg.dataset.path or cfg.dataset.features or f"synthetic untrimmed videos {dict(cfg.dataset.synth)}"
+        term.print(f"dense pipeline: {source}, store {cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"),
+                   highlight=False, soft_wrap=True)
+        term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
+                   highlight=False)
+        with use_reporter(RichReporter(term)):
+            from flows.dense import dense_pipeline
+            from flows.pipeline import stop_temporary_server
+
+            try:
+                result = dense_pipeline(config_path=str(config_path) if config_path else None, overrides=overrides,
+                                        force=force)
+            finally:
+                if not verbose:
+                    stop_temporary_server()
+        table = Table(title="dense pipeline")
+        for col in ("stage", "", "seconds", "key"):
+            table.add_column(col)
+        for o in result["stages"]:
+            table.add_row(o["label"], "reused" if o["reused"] else "computed", f"{o['seconds']:.1f}", o["key"])
+        term.print(table)
+        term.print(_map_table(f"{result['split']} mAP", result))
+        term.print(f"detector: {result['checkpoint']}", highlight=False, soft_wrap=True)
+        term.print(f"mean mAP over tIoU 0.5:0.9: {100 * result['average_mAP_high']:.2f} %; "
+                   f"{time.perf_counter() - t0:.0f} s in all", highlight=False)
+        term.print(f"{result['split']} {last_line}: {100 * result['average_mAP']:.2f} % (tIoU 0.1:0.9)"
+                   + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
+
+
+VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's log lines in the terminal.")
+
+
+@dense_app.command()
+def run(config: Path = typer.Option(..., "--config", help="Dense pipeline YAML (see pipeline/dense/demo.yaml)."),
+        set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
+        force: list[str] = typer.Option([], "--force", help="Recompute this stage and what follows: dense_extract, "
+                                                            "dense_train, dense_evaluate."),
+        root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config)."),
+        verbose: bool = VerboseOption, no_wait: bool = NoWaitOption):
+    """The dense pipeline (Prefect flow): untrimmed videos -> dense features -> detector -> mAP."""
+    _lock_policy(no_wait)
+    _run_dense_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
+
+
+@dense_app.command()
+def demo(root: Path = RootOption,
+         set_: list[str] = typer.Option([], "--set", help="Override a demo setting, e.g. --set train.epochs=10."),
+         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what follows."),
+         verbose: bool = VerboseOption, no_wait: bool = NoWaitOption):
+    """The whole dense pipeline on generated untrimmed videos with random encoders, CPU-sized (about 10 minutes
+    on 2 cores; pipeline/dense/demo.yaml)."""
+    _lock_policy(no_wait)
+    from pipeline.dense.pipeline_config import dense_demo_config_path
+
+    _run_dense_pipeline(dense_demo_config_path(), [f"root={root}", *set_], list(force), verbose)

@@ -105,9 +105,26 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def make_encoders(cfg: DenseExtractConfig, weights: dict | None = None):
+    """(ResNet-50, Cnn14) extractors as the config says; `weights` from `locate_weights` (located here if None)."""
+    from extractors import create_extractor
+    from extractors.weights import locate_weights
+
+    if weights is None:
+        weights = {"visual": locate_weights("resnet50", cfg.resnet_weights, random_init=cfg.random_init,
+                                            seed=cfg.seed),
+                   "audio": locate_weights("cnn14", cfg.cnn14_weights, random_init=cfg.random_init, seed=cfg.seed)}
+    device = resolve_device(cfg.device)
+    visual = create_extractor("resnet50", weights=weights["visual"].path, random_init=cfg.random_init, seed=cfg.seed,
+                              device=device, precision=cfg.precision, frames_per_segment=cfg.frames_per_window,
+                              **({"crop_size": cfg.crop_size} if cfg.crop_size else {}))
+    audio = create_extractor("cnn14", weights=weights["audio"].path, random_init=cfg.random_init, seed=cfg.seed,
+                             device=device, precision=cfg.precision)
+    return visual, audio
+
+
 def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, force: bool = False,
                   progress: Callable[[int, int, str], None] | None = None) -> DenseExtractResult:
-    from extractors import create_extractor
     from extractors.weights import locate_weights
 
     dataset_dir = Path(dataset_dir)
@@ -130,17 +147,14 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
     if force:
         run.restart()
         run.manifest.items = {}
-    device = resolve_device(cfg.device)
     grid = GRIDS[cfg.grid]
-    visual = create_extractor("resnet50", weights=weights["visual"].path, random_init=cfg.random_init, seed=cfg.seed,
-                              device=device, precision=cfg.precision, frames_per_segment=cfg.frames_per_window,
-                              **({"crop_size": cfg.crop_size} if cfg.crop_size else {}))
-    audio = create_extractor("cnn14", weights=weights["audio"].path, random_init=cfg.random_init, seed=cfg.seed,
-                             device=device, precision=cfg.precision)
+    visual, audio = make_encoders(cfg, weights)
     features.mkdir(parents=True, exist_ok=True)
+    # the extraction config travels with the features (and into a detector's checkpoint), so `avel dense predict`
+    # can compute the same features for a new video
     layout = {"visual": [SUFFIXES["visual"]], "audio": [SUFFIXES["audio"]], "grid": {
         "window_s": grid.window_s, "stride_s": grid.stride_s}, "encoders": {
-        "visual": visual.describe(), "audio": audio.describe()}}
+        "visual": visual.describe(), "audio": audio.describe()}, "extract_config": dump_config(cfg)}
     write_json_atomic(features / LAYOUT_FILE, layout)
     run.manifest.warnings = [RANDOM_WARNING.format(modality=m) for m in ("visual", "audio") if cfg.random_init]
     run.save()
@@ -151,7 +165,7 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
         for n, vid in enumerate(todo, 1):
             t0 = time.perf_counter()
             try:
-                steps = _extract_video(paths[vid], features, vid, grid, cfg, visual, audio)
+                steps = extract_video(paths[vid], features, vid, grid, cfg, visual, audio)
                 run.manifest.items[vid] = {"status": "done", "steps": steps, "seconds": round(time.perf_counter() - t0, 3)}
             except media.MediaError as e:
                 run.manifest.items[vid] = {"status": "failed", "error": str(e)}
@@ -178,7 +192,7 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
 
 
 @torch.inference_mode()
-def _extract_video(path: Path, out: Path, vid: str, grid: TimeGrid, cfg: DenseExtractConfig, visual, audio) -> int:
+def extract_video(path: Path, out: Path, vid: str, grid: TimeGrid, cfg: DenseExtractConfig, visual, audio) -> int:
     info = media.probe(path)
     if not info.duration_s:
         raise media.MediaError("no duration: not a readable video")

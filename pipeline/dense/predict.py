@@ -1,0 +1,119 @@
+"""`avel dense predict`: events in a person's own untrimmed videos, of any length, with a trained dense detector.
+
+For each video: the features the detector was trained on are computed again (the extraction config travels in the
+checkpoint: grid, frames per window, crop, the encoders' weights), the detector runs on the whole video, and
+post-processing gives events in seconds. Written per video: `<name>.json` (start, end, class, score of every event)
+and `<name>_timeline.png` (overlapping events in lanes, the ground truth above them when an annotation file knows
+the video). A video that cannot be read is reported and skipped; the others go on.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from pipeline import media
+from pipeline.dense.data import DenseVideoData, FeatureStats
+from pipeline.dense.extract import DenseExtractConfig, extract_video, make_encoders
+from pipeline.dense.features import TimeGrid, load_video_features
+from pipeline.dense.infer import video_levels
+from pipeline.dense.postprocess import postprocess_video
+from pipeline.dense.train import load_detector
+from pipeline.errors import UserError
+from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.store import write_json_atomic
+
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
+
+
+def expand_videos(paths: list[Path]) -> list[Path]:
+    """Files as given, folders as the videos they hold (sorted)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise UserError(f"{p}: no such video file or folder")
+    if not out:
+        raise UserError(f"no videos in {', '.join(map(str, paths))} (looked for {', '.join(sorted(VIDEO_SUFFIXES))})")
+    return out
+
+
+def extraction_config(info: dict, checkpoint: Path, overrides: dict) -> DenseExtractConfig:
+    """How the detector's training features were made, from its checkpoint (weights paths may be overridden)."""
+    layout = info.get("feature_layout") or {}
+    recorded = layout.get("extract_config")
+    if not recorded:
+        raise UserError(f"{checkpoint}: this detector was trained on features this project did not extract (e.g. "
+                        f"UnAV-100's released I3D + VGGish files), so it cannot compute them for a new video; "
+                        f"train on features from `avel dense extract` to predict on raw videos")
+    return DenseExtractConfig.model_validate({**recorded, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground_truth: dict | None = None,
+                  min_score: float = 0.05, device: str = "auto", resnet_weights: Path | None = None,
+                  cnn14_weights: Path | None = None, keep_features: bool = False,
+                  progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+    """One result dict per video (also written as JSON + timeline PNG into out_dir). `ground_truth`: video id ->
+    list of {"segment", "label_id"} to draw above the predictions. `keep_features`: also keep each video's feature
+    files in out_dir/features/."""
+    from pipeline.dense.plots import timeline_png
+
+    model, info = load_detector(checkpoint)
+    cfg = extraction_config(info, checkpoint, {"resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
+                                               "device": device})
+    dev = resolve_device(device)
+    model.to(dev)
+    precision = resolve_precision(cfg.precision, dev)
+    grid = TimeGrid(**info["grid"])
+    stats = FeatureStats.from_dict(info.get("feature_stats"))
+    classes = info["classes"]
+    visual, audio = make_encoders(cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="avel-dense-predict-") as tmp:
+        if keep_features:
+            tmp = out_dir / "features"
+            tmp.mkdir(exist_ok=True)
+        for n, path in enumerate(videos, 1):
+            vid = path.stem
+            try:
+                info_v = media.probe(path)
+                steps = extract_video(path, Path(tmp), vid, grid, cfg, visual, audio)
+            except media.MediaError as e:
+                results.append({"video": str(path), "error": str(e)})
+                if progress:
+                    progress(n, len(videos), vid)
+                continue
+            layout = {"visual": ["_resnet50.npy"], "audio": ["_cnn14.npy"]}
+            write_json_atomic(Path(tmp) / "features.json", layout)
+            v, a = load_video_features(Path(tmp), vid)
+            item = DenseVideoData(vid, v, a, None, None, float(info_v.duration_s))
+            if stats is not None:
+                item = stats.apply(item)
+            events = postprocess_video(video_levels(model, item.visual, item.audio, precision), grid,
+                                       item.duration)
+            named = [{"start": e["segment"][0], "end": e["segment"][1], "label": classes[e["label_id"]],
+                      "label_id": e["label_id"], "score": e["score"]} for e in events]
+            shown = [e for e in named if e["score"] >= min_score]
+            gt = (ground_truth or {}).get(vid)
+            result = {"video": str(path), "duration_s": item.duration, "steps": steps, "checkpoint": str(checkpoint),
+                      "random_weights": bool(cfg.random_init), "min_score": min_score, "events": shown,
+                      "events_below_min_score": len(named) - len(shown)}
+            if gt is not None:
+                result["ground_truth"] = [{"start": g["segment"][0], "end": g["segment"][1],
+                                           "label": classes[g["label_id"]], "label_id": g["label_id"]} for g in gt]
+            write_json_atomic(out_dir / f"{vid}.json", result)
+            timeline_png(out_dir / f"{vid}_timeline.png", item.duration,
+                         [{"segment": [e["start"], e["end"]], "label_id": e["label_id"], "score": e["score"]}
+                          for e in shown], classes, ground_truth=gt,
+                         title=f"{vid} ({item.duration:.1f} s)" + ("  RANDOM WEIGHTS" if cfg.random_init else ""))
+            result["json"], result["timeline"] = str(out_dir / f"{vid}.json"), str(out_dir / f"{vid}_timeline.png")
+            results.append(result)
+            if progress:
+                progress(n, len(videos), vid)
+    return results
