@@ -32,10 +32,10 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
     dataset = prepare_dataset(c["dataset"], root)
     outcomes = []
 
-    audio = extract_task(dataset, c["extract"], root, "audio", "extract_audio", "extract_audio" in forced)
+    audio = _extract(dataset, c["extract"], root, "audio", "extract_audio", "extract_audio" in forced)
     # the initial encoder's features depend on the dataset only: recomputed when named, not when fine-tuning is
-    visual0 = extract_task(dataset, c["extract"], root, "visual", "extract_visual (initial encoder)",
-                           "extract_visual" in (force or []))
+    visual0 = _extract(dataset, c["extract"], root, "visual", "extract_visual (initial encoder)",
+                       "extract_visual" in (force or []))
     outcomes += [audio, visual0]
     visual = visual0
     if not cfg.skip_finetune:
@@ -43,8 +43,8 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
                            cfg.extract.random_init, "finetune" in forced)
         # the fine-tuned weights are a new file: a new visual extraction key; audio features are untouched
         ft_extract = {**c["extract"], "resnet_weights": ft["weights"], "random_init": False}
-        visual = extract_task(dataset, ft_extract, root, "visual", "extract_visual (fine-tuned)",
-                              "extract_visual" in forced)
+        visual = _extract(dataset, ft_extract, root, "visual", "extract_visual (fine-tuned)",
+                          "extract_visual" in forced)
         outcomes += [ft, visual]
     if cfg.baseline and not cfg.skip_finetune:
         outcomes.append(train_task(dataset, visual0["path"], audio["path"], c["train"], root,
@@ -65,6 +65,24 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
     return {"dataset": dataset, "stages": outcomes, "model": cfg.train.model, "accuracy": evaluated["accuracy"],
             "all_background_accuracy": evaluated["all_background_accuracy"], "split": cfg.evaluate_split,
             "warnings": warnings, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _extract(dataset: str, extract_cfg: dict, root: str, modality: str, label: str, force: bool) -> dict:
+    """One extraction stage: a task here, or sharded over a Dask cluster (`extract.cluster`, flows.sharded) as a
+    subflow; the same artifact and outcome either way."""
+    if not extract_cfg.get("cluster"):
+        return extract_task(dataset, extract_cfg, root, modality, label, force)
+    from pathlib import Path
+
+    from flows.sharded import run_sharded_extract
+    from flows.tasks import publish
+
+    t0 = time.perf_counter()
+    r = run_sharded_extract(Path(dataset), {**extract_cfg, "modality": modality}, Path(root), extract_cfg["cluster"],
+                            extract_cfg["shard_videos"], force)[modality]
+    return publish(f"extract_{modality}", label, Path(r["path"]).parent, r["reused"], time.perf_counter() - t0,
+                   {"path": r["path"], "random_init": r["random_init"], "failed_rows": r["failed_rows"],
+                    "cluster": extract_cfg["cluster"]})
 
 
 def stop_temporary_server() -> None:

@@ -1,6 +1,7 @@
 """Losses of the CACE-Net pipeline: the supervised localizer loss (spec §3.3), the BECE
 supervised contrastive loss (spec §3.4, paper Eq. 7) and the symmetric InfoNCE used by the
-targeted fine-tuning stage (spec §5)."""
+targeted fine-tuning stage (spec §5), whole (`info_nce_loss`) or as one process's share of a
+batch spread over several (`info_nce_share`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ __all__ = [
     "supervised_contrastive_loss",
     "cace_loss",
     "info_nce_loss",
+    "info_nce_share",
 ]
 
 
@@ -123,3 +125,28 @@ def info_nce_loss(a: Tensor, b: Tensor, temperature: float | Tensor = 0.2) -> Te
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
     target = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def info_nce_share(a: Tensor, b: Tensor, a_all: Tensor, b_all: Tensor, offset: int,
+                   temperature: float | Tensor = 0.2) -> Tensor:
+    """One process's share of `info_nce_loss(a_all, b_all)` when the batch is spread over processes.
+
+    a, b [n, d]: this process's pairs, rows offset..offset+n of the gathered a_all, b_all [N, d]. Its queries are
+    scored against all N keys in both directions (a against b_all, b against a_all, targets offset + arange(n)),
+    and the share is the sum of those 2n cross-entropies over 2N, so the shares of all processes add up to the
+    full-batch loss. The gradient is the full-batch one only if a_all / b_all were gathered with autograd (their
+    rows of other processes then send this process's negatives' gradients back)."""
+    if a.dim() != 2 or a.shape != b.shape or a_all.shape != b_all.shape or a_all.shape[1:] != a.shape[1:]:
+        raise ValueError(f"a, b must be [n, d] and a_all, b_all [N, d], got {tuple(a.shape)}, {tuple(b.shape)}, "
+                         f"{tuple(a_all.shape)}, {tuple(b_all.shape)}")
+    if not 0 <= offset <= a_all.shape[0] - a.shape[0]:
+        raise ValueError(f"offset {offset} + {a.shape[0]} rows do not fit in {a_all.shape[0]} gathered rows")
+    value = float(temperature.detach()) if isinstance(temperature, Tensor) else temperature
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be positive, got {value}")
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    a_all, b_all = F.normalize(a_all, dim=-1), F.normalize(b_all, dim=-1)
+    target = torch.arange(offset, offset + a.shape[0], device=a.device)
+    a_to_b = F.cross_entropy(a @ b_all.T / temperature, target, reduction="sum")
+    b_to_a = F.cross_entropy(b @ a_all.T / temperature, target, reduction="sum")
+    return (a_to_b + b_to_a) / (2 * a_all.shape[0])

@@ -193,13 +193,15 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
           device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
           precision: Optional[str] = PrecisionOption,
           force: bool = typer.Option(False, help="Retrain even if this config was trained before."),
-          no_wait: bool = NoWaitOption):
+          no_wait: bool = NoWaitOption,
+          nproc: int = typer.Option(1, "--nproc", min=1, help="Training processes (DDP; one GPU each on CUDA): "
+                                                               "each takes its share of every batch.")):
     """Train a localizer (CACE with its reference recipe by default) and report val-selected test accuracy."""
     _lock_policy(no_wait)
     from rich.progress import Progress
 
     from pipeline.config import load_config
-    from pipeline.ave.train import TrainConfig, train_seeds
+    from pipeline.ave.train import TrainConfig, print_epoch, train_seeds
 
     overrides = list(set_) + [f"{k}={v}" for k, v in (("model", model), ("epochs", epochs), ("select_on", select_on),
                                                       ("device", device), ("precision", precision)) if v is not None]
@@ -210,14 +212,15 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
         console.print(f"[bold red]{note}[/bold red]")
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
     console.print(f"localizer: {cfg.model}", highlight=False)
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=nproc > 1) as progress:  # ranks print their lines
         task = progress.add_task(f"training {cfg.model}", total=cfg.epochs * len(seed_list))
 
         def on_epoch(r):
             progress.update(task, advance=1, description=f"epoch {r['epoch']}: loss {r['loss']:.3f} "
                             f"val {r.get('val_acc', float('nan')):.2f} % test {r['test_acc']:.2f} %")
 
-        results, summary = train_seeds(fs, cfg, seed_list, root, force=force, on_epoch=on_epoch)
+        results, summary = train_seeds(fs, cfg, seed_list, root, force=force, nproc=nproc,
+                                       on_epoch=on_epoch if nproc == 1 else print_epoch)
     for r in results:
         m = r.metrics
         console.print(f"seed {m['seed']}: {'reused' if r.reused else 'trained'} {r.dir}\n"
@@ -354,6 +357,10 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
             config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `extract:` "
                                                                          "section)."),
             set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set threads=2."),
+            cluster: Optional[str] = typer.Option(None, "--cluster", help="Shard over a Dask cluster through "
+                                                  "Prefect: local:N (N local workers; one per GPU) or "
+                                                  "tcp://HOST:8786 (an existing scheduler)."),
+            shard_videos: Optional[int] = typer.Option(None, "--shard-videos", help="Videos per shard (32)."),
             force: bool = typer.Option(False, help="Recompute even if these features exist."),
             no_wait: bool = NoWaitOption):
     """Extract ResNet-50 and Cnn14 features (visual.h5, audio.h5 in the AVE layout); resumes an interrupted run."""
@@ -368,7 +375,8 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
     given = {"modality": modality, "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
              "frames_per_segment": frames_per_segment, "dtype": dtype, "device": device, "workers": workers,
              "precision": precision,
-             "max_failure_share": max_failure_share, "random_init": True if random_init else None}
+             "max_failure_share": max_failure_share, "random_init": True if random_init else None,
+             "cluster": cluster, "shard_videos": shard_videos}
     cfg = load_config(ExtractConfig, config, list(set_), section="extract")
     cfg = validate(ExtractConfig, {**cfg.model_dump(), **{k: v for k, v in given.items() if v is not None}},
                    "command-line options")
@@ -377,6 +385,9 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
         console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init builds the encoders with random weights. "
                             "The features are for testing the pipeline only; every output is marked so.",
                             style="bold red"))
+    if cfg.cluster:
+        _sharded_extract(dataset, cfg, root, force)
+        force = False  # done: the single-process call below only reads the finished stages
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("extracting", total=None)
@@ -392,6 +403,8 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
     for r in results.values():
         tag = " [bold red](RANDOM WEIGHTS)[/bold red]" if r.random_init else ""
         status = "reused" if r.reused else ("wrote" if r.manifest.status == "complete" else "FAILED")
+        if cfg.cluster and r.manifest.status == "complete":
+            status = f"sharded on {cfg.cluster}, or reused"
         if r.failed_rows:
             console.print(f"{r.modality}: {len(r.failed_rows)} of {r.rows} rows failed (zeros, valid=False): rows "
                           f"{', '.join(map(str, r.failed_rows[:20]))}{' ...' if len(r.failed_rows) > 20 else ''}")
@@ -403,6 +416,29 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
     if failed is not None:
         Console(stderr=True).print(f"[red]error:[/red] {failed}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _sharded_extract(dataset: Path, cfg, root: Path, force: bool) -> None:
+    """The sharded flow (flows.sharded), its Prefect and Dask output in <root>/logs, live progress here."""
+    import datetime
+
+    from pipeline.ave.extract import load_video_dataset, planned_weights
+    from pipeline.config import dump_config
+    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
+
+    load_video_dataset(dataset)
+    planned_weights(cfg)  # bad input fails before any cluster starts
+    log = Path(root) / "logs" / f"sharded-extract-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
+    console.print(f"sharded extraction on {cfg.cluster}, {cfg.shard_videos} videos per shard; Prefect's and Dask's "
+                  f"log: {log}", highlight=False, soft_wrap=True)
+    with quiet_native_output(log) as term, use_reporter(RichReporter(term)):
+        from flows.pipeline import stop_temporary_server
+        from flows.sharded import run_sharded_extract
+
+        try:
+            run_sharded_extract(dataset, dump_config(cfg), root, cfg.cluster, cfg.shard_videos, force)
+        finally:
+            stop_temporary_server()
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------------------------
@@ -421,7 +457,9 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
              precision: Optional[str] = PrecisionOption,
              force: bool = typer.Option(False, help="Fine-tune again even if this run exists (drops its resume "
                                                     "point)."),
-             no_wait: bool = NoWaitOption):
+             no_wait: bool = NoWaitOption,
+             nproc: int = typer.Option(1, "--nproc", min=1, help="Fine-tuning processes (DDP; one GPU each on "
+                                                                  "CUDA): each takes its share of every batch.")):
     """Fine-tune ResNet-50 with InfoNCE on video-level audio/visual pairs (train+val, never test); report
     audio<->visual retrieval recall before/after on held-out videos; save weights for `avel extract`."""
     _lock_policy(no_wait)
@@ -430,7 +468,7 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
 
     from pipeline.config import load_config
     from pipeline.ave.features import newest_extraction
-    from pipeline.ave.finetune import FinetuneConfig, finetune_stage
+    from pipeline.ave.finetune import FinetuneConfig, finetune_stage, print_epoch
 
     cfg = load_config(FinetuneConfig, config, list(set_) + ([f"precision={precision}"] if precision else []),
                       section="finetune")
@@ -442,7 +480,7 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
                             style="bold red"))
     console.print(f"audio features: {audio_h5}", highlight=False, soft_wrap=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with Progress(*columns, console=console, transient=True, disable=nproc > 1) as bar:  # ranks print their lines
         task = bar.add_task("fine-tuning (measuring retrieval before)", total=cfg.epochs)
 
         def on_epoch(r: dict) -> None:
@@ -450,7 +488,8 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
                        f"lr {r['lr']:.2g} T {r['temperature']:.3g} ({r['seconds']:.1f} s)")
 
         result = finetune_stage(dataset, audio_h5, cfg, root, resnet_weights=resnet_weights,
-                                random_init=random_init, force=force, on_epoch=on_epoch)
+                                random_init=random_init, force=force, nproc=nproc,
+                                on_epoch=on_epoch if nproc == 1 else print_epoch)
     m = result.metrics
     console.print(f"{'reused' if result.reused else 'fine-tuned'} {result.dir}: {m.get('train_videos')} training videos "
                   f"(train+val), {m.get('heldout_videos')} held out, {len(m.get('excluded_test_overlap', []))} "

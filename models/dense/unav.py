@@ -95,7 +95,9 @@ def cpu_config(**overrides) -> DenseModelConfig:
 class Embedding(nn.Module):
     def __init__(self, in_dim: int, dim: int, layers: int):
         super().__init__()
-        self.convs = nn.ModuleList(MaskedConv1d(in_dim if i == 0 else dim, dim, 3, padding=1) for i in range(layers))
+        # no bias before a LayerNorm (it would be removed by the norm's centring), as in the reference
+        self.convs = nn.ModuleList(MaskedConv1d(in_dim if i == 0 else dim, dim, 3, padding=1, bias=False)
+                                   for i in range(layers))
         self.norms = nn.ModuleList(ChannelNorm(dim) for _ in range(layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -137,7 +139,7 @@ class Head(nn.Module):
 
     def __init__(self, in_dim: int, dim: int, layers: int, out: int):
         super().__init__()
-        self.trunk = nn.ModuleList(MaskedConv1d(in_dim if i == 0 else dim, dim, 3, padding=1)
+        self.trunk = nn.ModuleList(MaskedConv1d(in_dim if i == 0 else dim, dim, 3, padding=1, bias=False)
                                    for i in range(layers - 1))
         self.norms = nn.ModuleList(ChannelNorm(dim) for _ in range(layers - 1))
         self.out = MaskedConv1d(dim if layers > 1 else in_dim, out, 3, padding=1)

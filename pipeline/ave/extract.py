@@ -100,6 +100,10 @@ class ExtractConfig(StrictModel):
     cnn14_weights: Path | None = None
     random_init: bool = False
     seed: int = 0
+    # Sharded on a Dask cluster (flows.sharded): "local:N" or "tcp://HOST:8786"; None: this process. Neither field
+    # enters the stage key: a sharded run writes the same artifact as a single-process one.
+    cluster: str | None = None
+    shard_videos: int = Field(32, ge=1, description="videos per shard (one Prefect task and part file each)")
 
     def modalities(self) -> tuple[str, ...]:
         return MODALITIES if self.modality == "both" else (self.modality,)
@@ -302,26 +306,8 @@ class _Sink:
     # -- adding videos, batching, writing -------------------------------------------------------------------------
     def add(self, video_id: str, raw, info: dict, error: str | None) -> None:
         """Prepare and encode one video, then write its rows."""
-        if error is not None or raw is None:
-            self.write(video_id, None, info, error or "nothing decoded")
-            return
-        t0 = time.perf_counter()
-        try:
-            units = self.extractor.prepare(raw)
-        except Exception as e:  # e.g. a frame size the resize cannot take: this video fails, others go on
-            self.write(video_id, None, info, f"prepare failed: {media._short(e)}")
-            return
-        if units.shape[0] != self.forward_units:  # the length rule makes every video S segments
-            raise RuntimeError(f"{self.extractor.name} prepared {units.shape[0]} units for {video_id}, expected "
-                               f"{self.forward_units}")
-        t1 = time.perf_counter()
-        self.stats["prepare_s"] += t1 - t0
-        with pinned_threads(self.threads):
-            feats = self.extractor.encode(units)
-        self.stats["encode_s"] += time.perf_counter() - t1
-        self.stats["units"] += units.shape[0]
-        del units
-        self.write(video_id, feats.numpy(), info, None)
+        feats, error = encode_video(self.extractor, video_id, raw, error, self.threads, self.stats)
+        self.write(video_id, feats, info, error)
         del feats
         release_memory()
 
@@ -376,6 +362,29 @@ class _Sink:
         self.close()
         if not self.final.is_file():
             os.replace(self.partial, self.final)
+
+
+def encode_video(extractor, video_id: str, raw, error: str | None, threads: int, stats: dict
+                 ) -> tuple[np.ndarray | None, str | None]:
+    """(features, None) of one decoded video, or (None, why) when it cannot be encoded. One forward of exactly the
+    video's S x units_per_segment units, with `threads` CPU threads: the bytes depend on the video only."""
+    if error is not None or raw is None:
+        return None, error or "nothing decoded"
+    t0 = time.perf_counter()
+    try:
+        units = extractor.prepare(raw)
+    except Exception as e:  # e.g. a frame size the resize cannot take: this video fails, others go on
+        return None, f"prepare failed: {media._short(e)}"
+    expected = ave.SEGMENTS * extractor.units_per_segment
+    if units.shape[0] != expected:  # the length rule makes every video S segments
+        raise RuntimeError(f"{extractor.name} prepared {units.shape[0]} units for {video_id}, expected {expected}")
+    t1 = time.perf_counter()
+    stats["prepare_s"] = stats.get("prepare_s", 0.0) + t1 - t0
+    with pinned_threads(threads):
+        feats = extractor.encode(units)
+    stats["encode_s"] = stats.get("encode_s", 0.0) + time.perf_counter() - t1
+    stats["units"] = stats.get("units", 0) + units.shape[0]
+    return feats.numpy(), None
 
 
 def _megabytes(n: int) -> str:
@@ -486,8 +495,13 @@ def planned_keys(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig()) -> dic
 
 
 def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path = Path("artifacts"), *,
-            force: bool = False, progress: ProgressFn | None = None) -> dict[str, ExtractResult]:
+            force: bool = False, progress: ProgressFn | None = None,
+            parts: dict[str, list[Path]] | None = None) -> dict[str, ExtractResult]:
     """Run (or reuse, or resume) the extraction stages `cfg.modality` names; returns {modality: ExtractResult}.
+
+    `parts` ({modality: shard part files}, `pipeline.ave.shards`): the videos' features were computed elsewhere
+    (Dask workers); their rows are written from the parts instead of being decoded and encoded here. The output
+    file and manifest are the same as a single-process run's.
 
     Raises UserError for bad input (dataset, weights, config) before any work, and TooManyFailures (a UserError)
     after the work if the failed share of rows passes `cfg.max_failure_share` in any modality.
@@ -567,7 +581,11 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
             run.manifest.metrics["run"]["torch_threads"] = sink.threads
             run.save()
 
-        if sinks:
+        if sinks and parts is not None:
+            from pipeline.ave.shards import fill_from_parts
+
+            fill_from_parts(sinks, parts, progress)
+        elif sinks:
             _run_sinks(ds, cfg, device, sinks, progress)
         failures = []
         for m, sink in sinks.items():

@@ -19,6 +19,17 @@ What differs, on purpose:
   autograd and keep BatchNorm in eval mode; `frames_per_video` < 10 samples that many random seconds (cheaper on
   CPU); `crop_size` < 224 scales the resize proportionally (232/224) for CPU demos.
 
+Several processes (`finetune_stage(..., nproc=N)`, `avel finetune --nproc N`; `pipeline.distributed`): every global
+batch of `batch_size` videos (the same batches as one process draws, from the permutation seeded by (seed, epoch):
+what DistributedSampler.set_epoch gives, without its padding) is split into contiguous per-rank shares;
+each rank scores its own queries against the embeddings of all ranks, gathered with autograd
+(`models.losses.info_nce_share`), so the loss and its gradient are the full batch's; DDP averages the gradients.
+BatchNorm of the trained stages: SyncBatchNorm on CUDA (statistics over the global batch, as one process); on the
+CPU torch has no SyncBatchNorm, so each rank normalises with its own share's statistics and the result differs
+from one process (it is equal when no trained stage has a BatchNorm in train mode, e.g. trainable_stages=[conv1]);
+running statistics are rank 0's (DDP broadcasts its buffers). Rank 0 alone measures retrieval and writes every
+file; the other ranks wait at a barrier. The number of processes (when > 1) enters the stage key.
+
 Outputs (in the stage folder): `resnet50_finetuned.pt` (the `avel-resnet50-trunk` format that the extraction stage
 loads with `--resnet-weights`; its sha256 is in the manifest and becomes the visual extraction's weights id),
 `resnet50_I_state_dict.pth` (`{"I_state_dict": Sequential(children[:-2]) state dict}`, what the reference's own
@@ -43,7 +54,8 @@ from pydantic import Field, field_validator
 
 from models.finetune import AudioVisualContrastive, reference_trunk, resolve_stages
 from models.losses import info_nce_loss
-from pipeline import ave, media
+from models.losses import info_nce_share
+from pipeline import ave, distributed, media
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
 from pipeline.runtime import (autocast, heap_allocations, load_torch_file, resolve_device, resolve_precision,
@@ -413,6 +425,16 @@ def pair_loss(v: torch.Tensor, a: torch.Tensor, logit_scale: torch.Tensor, cfg: 
     return info_nce_loss(v, a, temperature=1.0 / logit_scale if cfg.learnable_temperature else cfg.temperature)
 
 
+def pair_loss_share(v: torch.Tensor, a: torch.Tensor, logit_scale: torch.Tensor,
+                    cfg: FinetuneConfig) -> torch.Tensor:
+    """This rank's share of the symmetric InfoNCE over the global batch: its queries against every rank's keys,
+    gathered with autograd (the shares of all ranks add up to `pair_loss` of the whole batch)."""
+    v_all, offset = distributed.gather_rows(v)
+    a_all, _ = distributed.gather_rows(a)
+    temperature = 1.0 / logit_scale if cfg.learnable_temperature else cfg.temperature
+    return info_nce_share(v, a, v_all, a_all, offset, temperature=temperature)
+
+
 def save_checkpoint(path: Path, **state: Any) -> None:
     with atomic_path(path) as tmp:
         torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
@@ -431,12 +453,16 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
+    world, main = distributed.world_size(), distributed.is_main()
     precision = resolve_precision(cfg.precision, device)
     model = build_model(weights, cfg, data.audio_dim).to(device)
     # NHWC convolutions on every device (oneDNN's and the tensor cores' layout; the saved tensors load either way)
     model.channels_last = True
     model.trunk.to(memory_format=torch.channels_last)
+    if world > 1 and device.type == "cuda":  # BatchNorm over the global batch (torch has it for GPUs only)
+        for name in model.trainable_stages:
+            setattr(model.trunk, name, distributed.sync_batchnorm(getattr(model.trunk, name)))
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.lr_gamma)
     norm = Normalizer(device)
@@ -459,37 +485,54 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
         scheduler.load_state_dict(state["scheduler"])
         history, failures, before = state["history"], state["failures"], state["retrieval_before"]
         start_epoch = state["epoch"] + 1
-    if before is None:
+    if before is None and main:
         t0 = time.perf_counter()
         before = _retrieval(model, heldout_set, device, cfg)
         before["seconds"] = round(time.perf_counter() - t0, 3)
+    distributed.barrier()  # the other ranks wait for rank 0's retrieval
 
-    model.train()
+    net = distributed.wrap(model, device) if world > 1 else model  # the training forward; `model` is saved
+    net.train()
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         train_set.epoch = epoch
         lr = optimizer.param_groups[0]["lr"]
         total, videos, batches, wait = 0.0, 0, 0, 0.0
+        batch_list = epoch_batches(len(train_set), cfg, epoch)
+        if world > 1:  # this rank's share of each global batch
+            batch_list = [distributed.shard(b) for b in batch_list]
         t_wait = time.perf_counter()
-        for batch in _loader(train_set, epoch_batches(len(train_set), cfg, epoch), cfg.workers, device):
+        for batch in _loader(train_set, batch_list, cfg.workers, device):
             wait += time.perf_counter() - t_wait
             for i, err in batch["failed"]:
                 failures[data.train_ids[i]] = err
-            if batch["frames"] is None or len(batch["index"]) < 2:
+            n = 0 if batch["frames"] is None else len(batch["index"])
+            if world > 1:  # every rank takes the same decision: a rank with no video cannot join the step
+                counts = distributed.all_counts(n)
+                skip, n_step = min(counts) == 0 or sum(counts) < 2, sum(counts)
+            else:
+                skip, n_step = batch["frames"] is None or len(batch["index"]) < 2, n
+            if skip:
                 t_wait = time.perf_counter()
                 continue
             with autocast(device, precision):
-                v, a, scale = model(norm(batch["frames"]), batch["audio"].to(device))
-            loss = pair_loss(v.float(), a.float(), scale.float(), cfg)
+                v, a, scale = net(norm(batch["frames"]), batch["audio"].to(device))
+            if world > 1:  # DDP averages the gradients over the ranks, so the shares count world times
+                share = pair_loss_share(v.float(), a.float(), scale.float(), cfg)
+                loss, value = share * world, distributed.sum_all([float(share.detach())])[0]
+            else:
+                loss = pair_loss(v.float(), a.float(), scale.float(), cfg)
+                value = float(loss.detach())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            n = len(batch["index"])
-            total += float(loss.detach()) * n
-            videos += n
+            total += value * n_step
+            videos += n_step
             batches += 1
             t_wait = time.perf_counter()
         scheduler.step()
+        if world > 1:
+            failures = {vid: why for part in distributed.gather_objects(failures) for vid, why in part.items()}
         if videos == 0:
             raise UserError(f"epoch {epoch}: no batch could be formed ({len(failures)} of {len(train_set)} videos "
                             f"failed to decode); check the videos with `avel dataset check`")
@@ -497,14 +540,19 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
                   "temperature": float(model.temperature), "seconds": time.perf_counter() - t0,
                   "data_wait_s": wait, "videos": videos, "batches": batches}
         history.append(record)
-        save_checkpoint(last_path, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), history=history, failures=failures,
-                        retrieval_before=before, train_ids=data.train_ids, heldout_ids=data.heldout_ids,
-                        config=dump_config(cfg))
-        write_loss_csv(out_dir / "loss.csv", history)
-        if on_epoch:
-            on_epoch(record)
+        with distributed.main_writes() as writes:
+            if writes:
+                save_checkpoint(last_path, epoch=epoch, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict(), history=history, failures=failures,
+                                retrieval_before=before, train_ids=data.train_ids, heldout_ids=data.heldout_ids,
+                                config=dump_config(cfg))
+                write_loss_csv(out_dir / "loss.csv", history)
+                if on_epoch:
+                    on_epoch(record)
 
+    if not main:  # rank 0 measures retrieval and writes the weights
+        distributed.barrier()
+        return {}
     t0 = time.perf_counter()
     after = _retrieval(model, heldout_set, device, cfg)
     after["seconds"] = round(time.perf_counter() - t0, 3)
@@ -520,8 +568,9 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
     with atomic_path(out_dir / REFERENCE_FILE) as tmp:
         torch.save({"I_state_dict": {k: v.detach().cpu() for k, v in reference_trunk(model.trunk).state_dict().items()},
                     "meta": info}, tmp)
+    distributed.barrier()
     return {"history": history, "retrieval": retrieval, "failures": failures, "device": str(device),
-            "precision": precision}
+            "precision": precision, **({"processes": world} if world > 1 else {})}
 
 
 def _retrieval(model: AudioVisualContrastive, dataset: VideoPairs, device: torch.device, cfg: FinetuneConfig) -> dict:
@@ -549,17 +598,40 @@ def _result(run, reused: bool) -> FinetuneResult:
                           str(m.outputs["weights"].sha256), run.output_path("reference_weights"), retrieval)
 
 
+def stage_key_fields(cfg: FinetuneConfig, nproc: int = 1) -> dict:
+    """The config part of the stage key: the config's fields, plus the number of processes when there are several
+    (one process's keys are those of before multi-process runs existed)."""
+    return {**cfg.key_fields(), **({"processes": nproc} if nproc > 1 else {})}
+
+
+def _finetune_worker(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: Path,
+                     on_epoch: EpochCallback | None, meta: dict) -> dict:
+    """One rank of a multi-process fine-tuning (started by `distributed.launch`); rank 0 reports the epochs."""
+    return finetune_model(data, weights, cfg, out_dir, on_epoch=on_epoch if distributed.is_main() else None,
+                          meta=meta)
+
+
+def print_epoch(record: dict) -> None:
+    """The per-epoch line of a multi-process run (a callback that can travel to the rank-0 process)."""
+    print(f"finetune epoch {record['epoch'] + 1}/{record['epochs']}: loss {record['loss']:.4f} lr "
+          f"{record['lr']:.2g} ({record['seconds']:.1f} s)", flush=True)
+
+
 def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root: Path, *,
                    resnet_weights: Path | None = None, random_init: bool = False, force: bool = False,
-                   on_epoch: EpochCallback | None = None) -> FinetuneResult:
+                   on_epoch: EpochCallback | None = None, nproc: int = 1) -> FinetuneResult:
     """The `finetune` stage in the artifact store: reused when the same config, dataset, initial weights and audio
-    features were fine-tuned before; resumed from its last epoch when a previous run was cut off."""
+    features were fine-tuned before; resumed from its last epoch when a previous run was cut off.
+
+    `nproc` > 1: that many processes (DDP, `pipeline.distributed`); this process keeps the store and the lock and
+    waits for them. `on_epoch` then runs in rank 0's process: a callback that cannot be pickled there (a closure)
+    is replaced by `print_epoch`."""
     from extractors.weights import locate_weights
 
     ds = ave.load_dataset(dataset_dir)
     weights = locate_weights("resnet50", resnet_weights, random_init=random_init, seed=cfg.seed)
     inputs = {"dataset": ds.digest(), "resnet50": weights.id, "audio": audio_identity(Path(audio_h5))}
-    run = ArtifactStore(root).open(STAGE, VERSION, cfg.key_fields(), inputs)
+    run = ArtifactStore(root).open(STAGE, VERSION, stage_key_fields(cfg, nproc), inputs)
     if run.is_complete and not force:
         return _result(run, True)
     if force:  # also drop last.pt, or the run would "resume" from the finished one
@@ -584,7 +656,19 @@ def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root:
         run.save()
         meta = {"stage": STAGE, "key": m.key, "initial_weights": weights.id, "dataset": inputs["dataset"],
                 "audio": inputs["audio"], "config": dump_config(cfg)}
-        summary = finetune_model(data, weights, cfg, run.dir, on_epoch=on_epoch, meta=meta)
+        if nproc > 1:
+            if resolve_device(cfg.device).type != "cuda" and set(resolve_stages(cfg.trainable_stages)) - {"conv1"}:
+                m.warnings.append(f"{nproc} CPU processes: the trained stages' BatchNorm layers use each process's "
+                                  f"share of the batch for their statistics (no SyncBatchNorm on the CPU), so the "
+                                  f"result differs from one process's")
+            if min(cfg.batch_size, len(data.train_ids)) < nproc:
+                raise UserError(f"--nproc {nproc}: a batch of {min(cfg.batch_size, len(data.train_ids))} videos "
+                                f"cannot give every process one; use at most that many processes")
+            summary = distributed.launch(_finetune_worker, (data, weights, cfg, run.dir,
+                                                            distributed.picklable(on_epoch, print_epoch), meta),
+                                         nproc, resolve_device(cfg.device))
+        else:
+            summary = finetune_model(data, weights, cfg, run.dir, on_epoch=on_epoch, meta=meta)
     except BaseException as e:
         run.fail(e)
         raise
@@ -606,7 +690,8 @@ def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root:
         "retrieval_before": _recalls(retrieval["before"]), "retrieval_after": _recalls(retrieval["after"]),
         "weights_sha256": run.manifest.outputs["weights"].sha256, "device": summary["device"],
         "precision": summary["precision"],
-        "decode_failures": len(summary["failures"])})
+        "decode_failures": len(summary["failures"]),
+        **({"processes": summary["processes"]} if "processes" in summary else {})})
     run.manifest.timings.update(seconds_per_epoch=round(float(np.mean(seconds)), 3) if seconds else 0.0,
                                 data_wait_s_per_epoch=round(float(np.mean([r["data_wait_s"] for r in history])), 3),
                                 retrieval_s=float(retrieval["after"].get("seconds", 0.0)),

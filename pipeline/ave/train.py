@@ -11,6 +11,17 @@ coefficient 1.0. What differs, on purpose:
   DataLoader workers, no per-epoch dtype conversion.
 A run writes best.pt / last.pt (atomic; last.pt carries optimizer state so a killed run resumes), a per-epoch
 metrics.csv, metrics.json and per-segment predictions of the test split.
+
+Several processes (`train_stage(..., nproc=N)`, `avel train --nproc N`; `pipeline.distributed`): each global batch
+(the rows one process would take from the same shuffle) is split into contiguous per-rank shares; each rank's
+batch-mean loss is weighted by n_rank * N / B so that DDP's gradient average is the global batch's mean-loss
+gradient (a rank whose share is empty steps on a stand-in row with weight 0). Every loss term is a mean of
+per-sample terms (CACE: BCE, CE, and the BECE contrast, whose positives and negatives lie within one video; AVE-CLIP:
+CE, BCE, branch CEs) and no layer mixes samples of a batch (no BatchNorm), so nothing needs gathering: without
+randomness one epoch equals one process's up to float rounding (tests/test_distributed.py). What differs: dropout
+masks and CACE's key noise are drawn per rank (seeded by seed, epoch and rank), not as one process draws them.
+Rank 0 alone evaluates (over the full splits), selects and writes; the others wait at a barrier. The number of
+processes (when > 1) enters the stage key.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ from models import derive_targets, family_of, get_family, list_localizers
 from models.registry import LocalizerFamily
 from pipeline.config import StrictModel, dump_config
 from pipeline.errors import UserError
-from pipeline.ave.features import FeatureNorm, FeatureSet, SplitData, channel_stats
+from pipeline import distributed
+from pipeline.ave.features import FeatureNorm, FeatureSet, SplitData, available_memory, channel_stats
 from pipeline.ave.metrics import localization_metrics, segment_accuracy
 from pipeline.runtime import (autocast, flush_denormals, heap_allocations, load_torch_file, resolve_device,
                               resolve_precision, seed_everything)
@@ -232,18 +244,43 @@ def train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoch
         return _train_model(fs, cfg, out_dir, on_epoch)
 
 
+class _TrainStep(torch.nn.Module):
+    """forward(v, a, y) -> (loss, terms, the model's output detached): the training forward of a multi-process run,
+    the module DDP wraps. DDP looks for parameters without a gradient from what forward returns; returning the
+    loss (not the raw outputs, some of which a phase's loss leaves unused, e.g. CACE's q, k before BECE) lets it
+    find them."""
+
+    def __init__(self, model: torch.nn.Module, family: LocalizerFamily, options: dict, dtype: torch.dtype,
+                 precision: str, device: torch.device):
+        super().__init__()
+        self.model, self.family, self.options = model, family, options
+        self.dtype, self.precision, self.device = dtype, precision, device
+
+    def forward(self, v: torch.Tensor, a: torch.Tensor, y: torch.Tensor):
+        with autocast(self.device, self.precision):
+            out = self.model(v.to(self.dtype), a.to(self.dtype))
+        out = type(out)(*(t.to(self.dtype) for t in out))
+        loss, terms = self.family.loss(self.model, out, y.to(self.dtype), self.options)
+        return loss, terms, type(out)(*(t.detach() for t in out))
+
+
 def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None) -> dict:
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
+    world, main = distributed.world_size(), distributed.is_main()
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     precision = resolve_precision(cfg.precision, device)
     budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None
+    if world > 1:  # the ranks share the machine's memory
+        budget = (budget if budget is not None else available_memory() // 2) // world
     norm = channel_stats(fs, fs.rows("train")) if cfg.standardize_features else None
-    splits = {"train": fs.split("train", device, budget, norm), "test": fs.split("test", device, budget, norm)}
-    if cfg.select_on == "val" or "val" in fs.splits:
+    splits = {"train": fs.split("train", device, budget, norm)}
+    if main:  # evaluation runs on rank 0 only
+        splits["test"] = fs.split("test", device, budget, norm)
+    if main and (cfg.select_on == "val" or "val" in fs.splits):
         splits["val"] = fs.split("val", device, budget, norm)
     if len(splits["train"]) == 0:
         raise UserError("the train split is empty")
-    if cfg.select_on == "val" and len(splits["val"]) == 0:
+    if cfg.select_on == "val" and len(fs.rows("val")) == 0:
         raise UserError("the val split is empty: cannot select a checkpoint on it; use select_on=test (the "
                         "reference's protocol) and read its number as optimistic")
 
@@ -271,34 +308,56 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
             "feature_norm": norm.to_dict() if norm is not None else None,
             "classes": fs.class_names, "encoders": {"visual": _public_attrs(fs.visual.attrs),
                                                     "audio": _public_attrs(fs.audio.attrs)}}
+    if world > 1:
+        info["processes"] = world
+        step = distributed.wrap(_TrainStep(model, family, options, dtype, precision, device), device,
+                                find_unused_parameters=True)  # a phase may leave parameters out (BECE, staged)
     train = splits["train"]
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         family.begin_epoch(model, epoch, options)
+        if world > 1:  # each rank its own dropout masks, the same whether resumed or not
+            distributed.seed_rank(cfg.seed, epoch)
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         correct = total = 0
         perm = torch.randperm(len(train), generator=shuffle)
         for start in range(0, len(train), cfg.batch_size):
-            v, a, y = train.batch(perm[start:start + cfg.batch_size])
-            with autocast(device, precision):
-                out = model(v.to(dtype), a.to(dtype))
-            out = type(out)(*(t.to(dtype) for t in out))  # losses in full precision (tau = 0.01 needs it)
-            loss, terms = family.loss(model, out, y.to(dtype), options)
+            if world > 1:  # this rank's share of the global batch
+                rows = perm[start:start + cfg.batch_size]
+                mine = distributed.shard(rows)
+                weight = distributed.loss_weight(len(mine), len(rows))
+                v, a, y = train.batch(mine if len(mine) else rows[:1])  # a stand-in row (weight 0): all ranks step
+                loss, terms, out = step(v, a, y)
+                n = len(mine)
+            else:
+                v, a, y = train.batch(perm[start:start + cfg.batch_size])
+                with autocast(device, precision):
+                    out = model(v.to(dtype), a.to(dtype))
+                out = type(out)(*(t.to(dtype) for t in out))  # losses in full precision (tau = 0.01 needs it)
+                loss, terms = family.loss(model, out, y.to(dtype), options)
+                weight, n = None, len(y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight is None else loss * weight).backward()
             if cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
             optimizer.step()
-            n = len(y)
             for k, val in {"loss": loss, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(val.detach()) * n
-            pred = family.predict(model, out, postprocessed=False).labels
-            correct += int((pred == derive_targets(y).y_eval).sum())
-            total += pred.numel()
+            if n:
+                pred = family.predict(model, out, postprocessed=False).labels
+                correct += int((pred == derive_targets(y).y_eval).sum())
+                total += pred.numel()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         train_s = time.perf_counter() - t0
+        if world > 1:  # the epoch's sums over all ranks; then rank 0 evaluates and writes, the others wait
+            names = list(sums)
+            reduced = distributed.sum_all([sums[k] for k in names] + [correct, total])
+            sums, correct, total = dict(zip(names, reduced)), int(round(reduced[-2])), int(round(reduced[-1]))
+            if not main:
+                distributed.barrier()
+                continue
         t1 = time.perf_counter()
         accs = {name: segment_accuracy(p.labels, p.targets)
                 for name, p in ((s, infer(model, splits[s], cfg.eval_batch_size, precision)) for s in splits
@@ -320,7 +379,10 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         _write_history(out_dir / "metrics.csv", history)
         if on_epoch:
             on_epoch(record)
+        distributed.barrier()
 
+    if not main:
+        return {}
     best_model, best_info = load_model(best_path)
     best_model.to(device=device, dtype=dtype)
     tuned = None
@@ -366,6 +428,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         "eval_s_per_pass": float(np.mean([r["eval_s"] for r in history])) / max(len(splits) - 1, 1),
         "device": str(device),
         "precision": precision,
+        **({"processes": world} if world > 1 else {}),
         "test": test_metrics,
         "notes": fs.notes,
     }
@@ -399,11 +462,33 @@ def _write_history(path: Path, history: list[dict]) -> None:
             w.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in r.items()})
 
 
+def stage_key_fields(cfg: TrainConfig, nproc: int = 1) -> dict:
+    """The config part of the stage key: the config's fields, plus the number of processes when there are several
+    (one process's keys are those of before multi-process runs existed)."""
+    return {**cfg.key_fields(), **({"processes": nproc} if nproc > 1 else {})}
+
+
+def _train_worker(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: EpochCallback | None) -> dict:
+    """One rank of a multi-process training (started by `distributed.launch`); rank 0 reports the epochs."""
+    return train_model(fs, cfg, out_dir, on_epoch if distributed.is_main() else None)
+
+
+def print_epoch(record: dict) -> None:
+    """The per-epoch line of a multi-process run (a callback that can travel to the rank-0 process)."""
+    accs = " ".join(f"{s} {record[f'{s}_acc']:.2f} %" for s in ("val", "test") if f"{s}_acc" in record)
+    print(f"train epoch {record['epoch'] + 1}: loss {record['loss']:.4f} {accs} ({record['train_s']:.1f} s)",
+          flush=True)
+
+
 def train_stage(fs: FeatureSet, cfg: TrainConfig, root: Path, *, force: bool = False,
-                on_epoch: EpochCallback | None = None) -> TrainResult:
-    """The `train` stage in the artifact store: reused when the same config and features were trained before."""
+                on_epoch: EpochCallback | None = None, nproc: int = 1) -> TrainResult:
+    """The `train` stage in the artifact store: reused when the same config and features were trained before.
+
+    `nproc` > 1: that many processes (DDP, `pipeline.distributed`); this process keeps the store and the lock and
+    waits for them. `on_epoch` then runs in rank 0's process: a callback that cannot be pickled there (a closure)
+    is replaced by `print_epoch`."""
     store = ArtifactStore(root)
-    run = store.open(STAGE, VERSION, cfg.key_fields(), fs.digests)
+    run = store.open(STAGE, VERSION, stage_key_fields(cfg, nproc), fs.digests)
     if run.is_complete and not force:
         return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
     if force:  # also drop last.pt, or the run would "resume" from the finished one
@@ -412,7 +497,12 @@ def train_stage(fs: FeatureSet, cfg: TrainConfig, root: Path, *, force: bool = F
             (run.dir / name).unlink(missing_ok=True)
     run.manifest.warnings = list(fs.notes)
     try:
-        summary = train_model(fs, cfg, run.dir, on_epoch)
+        if nproc > 1:
+            callback = distributed.picklable(on_epoch, print_epoch)
+            summary = distributed.launch(_train_worker, (fs, cfg, run.dir, callback), nproc,
+                                         resolve_device(cfg.device))
+        else:
+            summary = train_model(fs, cfg, run.dir, on_epoch)
     except BaseException as e:
         run.fail(e)
         raise

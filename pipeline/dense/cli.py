@@ -192,6 +192,8 @@ def train(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 
     cfg = load_config(DenseTrainConfig, config, overrides, section="train")
     fs = load_dense_features(annotations, features)
     seed_list = [int(s) for s in seeds.split(",")] if seeds else [cfg.seed]
+    for note in fs.notes:
+        console.print(f"[bold red]{note}[/bold red]", highlight=False, soft_wrap=True)
     variant = "+".join(["baseline"] + [k.upper() for k in ("lcf", "lac") if cfg.model_args.get(k)])
     console.print(f"dense detector: {variant}, {cfg.size} size, {len(fs.dataset.split('train'))} train / "
                   f"{len(fs.dataset.split('validation'))} validation / {len(fs.dataset.split('test'))} test videos",
@@ -218,7 +220,8 @@ def train(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 
     avg = np.array([m["test_avg_map"] for m in tested]) * 100
     if len(avg) > 1:
         console.print(f"test average mAP over seeds {seed_list}: {avg.mean():.2f} +- {avg.std(ddof=1):.2f} %")
-    console.print(f"test average mAP: {avg.mean():.2f} % (tIoU 0.1:0.9)")
+    console.print(f"test average mAP: {avg.mean():.2f} % (tIoU 0.1:0.9)"
+                  + (" [bold red](RANDOM WEIGHTS)[/bold red]" if fs.notes else ""))
 
 
 @dense_app.command()
@@ -247,6 +250,8 @@ def evaluate(annotations: Path = typer.Option(..., "--annotations", help="UnAV-1
         from pipeline.dense.train import evaluate_checkpoint
 
         fs = load_dense_features(annotations, features)
+        for note in fs.notes:
+            console.print(f"[bold red]{note}[/bold red]", highlight=False, soft_wrap=True)
         with console.status(f"running {checkpoint} on the {split} split"):
             r = evaluate_checkpoint(checkpoint, fs, split, weights=weights, out_dir=out)
     else:

@@ -88,6 +88,14 @@ class DenseFeatures:
     def class_names(self) -> list[str]:
         return [self.dataset.classes.get(i, f"class_{i}") for i in range(self.num_classes)]
 
+    @property
+    def notes(self) -> list[str]:
+        """RANDOM WEIGHTS warnings for features made by randomly initialised encoders (from features.json)."""
+        encoders = self.layout.get("encoders") or {}
+        return [f"RANDOM WEIGHTS: the {m} features in {self.folder} come from a randomly initialised encoder; "
+                f"results on them test the pipeline only" for m, e in encoders.items()
+                if (e.get("weights") or {}).get("random_init")]
+
     def dims(self) -> tuple[int, int]:
         first = next(iter(self.dataset.videos))
         v, a = load_video_features(self.folder, first)

@@ -315,7 +315,7 @@ def train_stage(fs: DenseFeatures, cfg: DenseTrainConfig, root: Path, *, force: 
         run.restart()
         for name in ("last.pt", "best.pt"):
             (run.dir / name).unlink(missing_ok=True)
-    run.manifest.warnings = list(warnings or [])
+    run.manifest.warnings = sorted(set(warnings or []) | set(fs.notes))
     run.save()
     try:
         summary = train_detector(fs, cfg, run.dir, on_epoch)

@@ -1,0 +1,165 @@
+"""Sharded AVE extraction on a Dask cluster, through Prefect (`prefect_dask.DaskTaskRunner`).
+
+One Prefect task per shard (`pipeline.ave.shards`: fixed shards of videos, one part file each, a finished part is
+skipped), run on the cluster's workers; then one merge task writes the same `visual.h5` / `audio.h5` and manifest as
+a single-process `avel extract`. `cluster`:
+- `local:N`: a temporary local cluster of N worker processes, one thread each. With GPUs, one worker per GPU
+  (N of them at most), each pinned to its GPU by CUDA_VISIBLE_DEVICES and offering the resource GPU=1; without,
+  CPU workers whose torch threads share the machine's cores.
+- `tcp://HOST:8786`: an existing scheduler (start it with `dask scheduler`, and per GPU
+  `CUDA_VISIBLE_DEVICES=k dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1`).
+Shard tasks are annotated with resources GPU=1 when the encoders run on CUDA (`gpu_tasks`), so a CPU-only worker
+never gets one. Pitfalls avoided (`shared/notes/scale-out.md`): the workers reach the flow's Prefect server through
+PREFECT_API_URL (otherwise each starts its own temporary server); decoding stays in the worker's process (Dask's
+workers are daemonic); each task opens and closes its own HDF5 file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.errors import UserError
+
+
+@task(name="extract-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def extract_shard_task(dataset: str, extract_cfg: dict, root: str, modality: str, index: int,
+                       videos: list[str]) -> dict:
+    from pipeline.ave.extract import ExtractConfig
+    from pipeline.ave.shards import extract_shard
+
+    cfg = ExtractConfig.model_validate(extract_cfg)
+    return {"index": index, "modality": modality, "pid": os.getpid(),
+            **extract_shard(Path(dataset), cfg, modality, index, videos, Path(root))}
+
+
+@task(name="merge-shards", cache_policy=NO_CACHE)
+def merge_task(dataset: str, extract_cfg: dict, root: str, modality: str, parts: list[str], force: bool) -> dict:
+    from pipeline.ave.extract import ExtractConfig, extract
+    from pipeline.ave.shards import part_threads, remove_parts
+    from pipeline.progress import reporter
+
+    cfg = ExtractConfig.model_validate(extract_cfg)
+    threads = part_threads([Path(p) for p in parts])
+    if len(threads) == 1:  # the final file records the thread count its rows were computed with
+        cfg = cfg.model_copy(update={"threads": threads.pop()})
+    label = f"merge {modality}"
+    reporter().start(label, None)
+    t0 = time.perf_counter()
+    r = extract(Path(dataset), cfg.model_copy(update={"modality": modality}), Path(root), force=force,
+                parts={modality: [Path(p) for p in parts]},
+                progress=lambda d, n, vid: reporter().update(label, d, n, "videos"))[modality]
+    reporter().finish(label, r.reused, time.perf_counter() - t0)
+    if r.manifest.status == "complete":
+        remove_parts(Path(root), modality, r.key)
+    return {"modality": modality, "path": str(r.path), "key": r.key, "reused": r.reused,
+            "failed_rows": len(r.failed_rows), "random_init": r.random_init}
+
+
+@flow(name="avel-sharded-extract", log_prints=True)
+def sharded_extract_flow(dataset: str, extract_cfg: dict, root: str, shard_videos: int = 32, force: bool = False,
+                         gpu_tasks: bool = False) -> dict:
+    import dask
+
+    from pipeline.ave.extract import ExtractConfig
+    from pipeline.ave.shards import plan_shards, planned_key, remove_parts
+    from pipeline.progress import reporter
+    from pipeline.store import ArtifactStore
+
+    cfg = ExtractConfig.model_validate(extract_cfg)
+    shards = plan_shards(Path(dataset), shard_videos)
+    store = ArtifactStore(Path(root))
+    out = {}
+    for m in cfg.modalities():
+        key = planned_key(Path(dataset), cfg, m)
+        stage = f"extract_{m}"
+        if not force and store.is_complete(stage, key):
+            out[m] = merge_task(dataset, extract_cfg, root, m, [], False)  # reused: opens nothing new
+            continue
+        if force:
+            remove_parts(Path(root), m, key)
+        label = f"extract {m} shards"
+        reporter().start(label, len(shards))
+        annotations = {"resources": {"GPU": 1}} if gpu_tasks else {}
+        with dask.annotate(**annotations):
+            futures = [extract_shard_task.submit(dataset, extract_cfg, root, m, i, vids)
+                       for i, vids in enumerate(shards)]
+        done = []
+        t0 = time.perf_counter()
+        for n, f in enumerate(futures, 1):  # in shard order: the merge writes rows in the single-process order
+            done.append(f.result())
+            reporter().update(label, n, len(shards), "shards")
+        reporter().finish(label, all(d["reused"] for d in done), time.perf_counter() - t0)
+        out[m] = {**merge_task(dataset, extract_cfg, root, m, [d["path"] for d in done], force), "shards": done}
+    return out
+
+
+def task_runner(cluster: str):
+    """A DaskTaskRunner for `local:N` or a scheduler address; a clear error for anything else."""
+    from prefect_dask import DaskTaskRunner
+
+    if cluster.startswith("local:"):
+        try:
+            n = int(cluster.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UserError(f"--cluster {cluster!r}: local:N with N >= 1 workers, e.g. local:2")
+        return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=local_cluster_spec(n))
+    if cluster.startswith(("tcp://", "tls://", "ucx://")):
+        return DaskTaskRunner(address=cluster)
+    raise UserError(f"--cluster {cluster!r}: local:N (a local Dask cluster of N workers) or tcp://HOST:PORT (an "
+                    f"existing scheduler)")
+
+
+def local_cluster_spec(n: int) -> dict:
+    """SpecCluster arguments: n single-threaded worker processes; with GPUs one per GPU, pinned and GPU=1."""
+    import torch
+    from distributed import Nanny, Scheduler
+
+    gpus = torch.cuda.device_count()
+    cores = os.cpu_count() or 1
+    workers = {}
+    for i in range(min(n, gpus) if gpus else n):
+        env = {"CUDA_VISIBLE_DEVICES": str(i)} if gpus else {
+            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // n))}
+        options = {"nthreads": 1, "env": env, "dashboard_address": None, "silence_logs": 40}
+        if gpus:
+            options["resources"] = {"GPU": 1}
+        workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
+    return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}},
+            "silence_logs": 40}
+
+
+def ensure_api_url() -> None:
+    """Workers must report to this flow's Prefect server: give them its URL in the environment they inherit.
+    Without a configured server, start Prefect's temporary one now (the flow then uses it too)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        server.start()
+        url = server.api_url
+    os.environ["PREFECT_API_URL"] = url
+
+
+def run_sharded_extract(dataset: Path, extract_cfg: dict, root: Path, cluster: str, shard_videos: int = 32,
+                        force: bool = False, gpu_tasks: bool | None = None) -> dict:
+    """The sharded extraction flow on `cluster`; `gpu_tasks` None: annotate GPU=1 when this machine has CUDA and
+    the config does not force the CPU."""
+    import torch
+
+    runner = task_runner(cluster)
+    if gpu_tasks is None:
+        gpu_tasks = torch.cuda.is_available() and extract_cfg.get("device", "auto") != "cpu"
+    ensure_api_url()
+    return sharded_extract_flow.with_options(task_runner=runner)(
+        dataset=str(dataset), extract_cfg=extract_cfg, root=str(root), shard_videos=shard_videos, force=force,
+        gpu_tasks=gpu_tasks)
