@@ -39,11 +39,12 @@ def plan_shards(dataset_dir: Path, shard_videos: int) -> list[list[str]]:
     return [ids[i:i + shard_videos] for i in range(0, len(ids), shard_videos)]
 
 
-def planned_key(dataset_dir: Path, cfg: ExtractConfig, modality: str) -> str:
-    ds = load_video_dataset(dataset_dir)
-    device = resolve_device(cfg.device)
-    return stage_key(STAGES[modality], VERSION, key_config(cfg, modality, device),
-                     {"dataset": ds.digest(), "weights": _weights_info(cfg, modality).id})
+def planned_key(dataset_dir: Path, cfg: ExtractConfig, modality: str, ds=None, weights=None) -> str:
+    """The stage key the merge will open (the dataset and weights info may be passed in when already at hand)."""
+    ds = ds or load_video_dataset(dataset_dir)
+    weights = weights or _weights_info(cfg, modality)
+    return stage_key(STAGES[modality], VERSION, key_config(cfg, modality, resolve_device(cfg.device)),
+                     {"dataset": ds.digest(), "weights": weights.id})
 
 
 def parts_dir(root: Path, modality: str, key: str) -> Path:
@@ -86,13 +87,13 @@ def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modality: str, index: i
     "failed", "threads"}."""
     from extractors import create_extractor
 
-    key = planned_key(dataset_dir, cfg, modality)
+    ds = load_video_dataset(dataset_dir)
+    weights = _weights_info(cfg, modality)  # hashes the weight file: once per shard
+    key = planned_key(dataset_dir, cfg, modality, ds, weights)
     path = part_path(root, modality, key, index)
     if valid_part(path, key, videos):
         return {"path": str(path), "reused": True, "videos": len(videos), "failed": None}
-    ds = load_video_dataset(dataset_dir)
     device = resolve_device(cfg.device)
-    weights = _weights_info(cfg, modality)
     config = key_config(cfg, modality, device)
     extractor = create_extractor(cfg.encoder(modality), weights=weights.path, random_init=weights.random_init,
                                  seed=cfg.seed, device=device, precision=config["precision"],
@@ -132,7 +133,7 @@ def part_threads(parts: list[Path]) -> set[int]:
 def fill_from_parts(sinks: dict, parts: dict[str, list[Path]], progress: ProgressFn | None = None) -> None:
     """Write every video's rows from its part (the merge); videos already done in a resumed partial are skipped."""
     todo = [(m, p) for m in sinks for p in parts[m]]
-    total = sum(len(json.loads(h5py.File(p, "r").attrs["videos"])) for _, p in todo)
+    total = sum(len(s.rows_of) for s in sinks.values())  # every video is in exactly one part per modality
     done = 0
     for m, p in todo:
         sink = sinks[m]

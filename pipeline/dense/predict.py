@@ -15,8 +15,8 @@ from typing import Callable
 
 from pipeline import media
 from pipeline.dense.data import DenseVideoData, FeatureStats
-from pipeline.dense.extract import DenseExtractConfig, extract_video, make_encoders
-from pipeline.dense.features import TimeGrid, load_video_features
+from pipeline.dense.extract import SUFFIXES, DenseExtractConfig, extract_video, make_encoders
+from pipeline.dense.features import LAYOUT_FILE, TimeGrid, load_video_features
 from pipeline.dense.infer import video_levels
 from pipeline.dense.postprocess import postprocess_video
 from pipeline.dense.train import load_detector
@@ -79,6 +79,7 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
         if keep_features:
             tmp = out_dir / "features"
             tmp.mkdir(exist_ok=True)
+        write_json_atomic(Path(tmp) / LAYOUT_FILE, {"visual": [SUFFIXES["visual"]], "audio": [SUFFIXES["audio"]]})
         for n, path in enumerate(videos, 1):
             vid = path.stem
             try:
@@ -89,8 +90,6 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
                 if progress:
                     progress(n, len(videos), vid)
                 continue
-            layout = {"visual": ["_resnet50.npy"], "audio": ["_cnn14.npy"]}
-            write_json_atomic(Path(tmp) / "features.json", layout)
             v, a = load_video_features(Path(tmp), vid)
             item = DenseVideoData(vid, v, a, None, None, float(info_v.duration_s))
             if stats is not None:
