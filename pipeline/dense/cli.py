@@ -322,6 +322,7 @@ def _run_dense_pipeline(config_path: Path | None, overrides: list[str], force: l
 
     from rich.panel import Panel
 
+    from pipeline.config import dump_config
     from pipeline.dense.pipeline_config import forced_stages, resolve_dense_config
     from pipeline.progress import RichReporter, quiet_native_output, use_reporter
 
@@ -341,7 +342,8 @@ def _run_dense_pipeline(config_path: Path | None, overrides: list[str], force: l
             term.print(Panel("[bold]RANDOM WEIGHTS[/bold]: this run extracts features with randomly initialised "
                              "encoders (extract.random_init). Its features, detector and mAP test the pipeline only; "
                              "every manifest is marked so.", style="bold red"))
-        source = cfg.dataset.path or cfg.dataset.features or f"synthetic untrimmed videos {dict(cfg.dataset.synth)}"
+        source = (cfg.dataset.path or cfg.dataset.features
+                  or f"synthetic untrimmed videos {dump_config(cfg)['dataset']['synth']}")
         term.print(f"dense pipeline: {source}, store {cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"),
                    highlight=False, soft_wrap=True)
         term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
