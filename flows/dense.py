@@ -74,6 +74,19 @@ def dense_extract_task(annotations: str, extract_cfg: dict, root: str, force: bo
                    {"features": str(r.features), "failed": len(r.failed)})
 
 
+def _dense_extract(annotations: str, extract_cfg: dict, root: str, force: bool) -> dict:
+    """The extraction stage: a task here, or sharded over a Dask cluster (`extract.cluster`, flows.sharded) as a
+    subflow; the same artifact and outcome either way."""
+    if not extract_cfg.get("cluster"):
+        return dense_extract_task(annotations, extract_cfg, root, force)
+    from flows.sharded import run_sharded_dense_extract
+
+    t0 = time.perf_counter()
+    r = run_sharded_dense_extract(Path(annotations), extract_cfg, Path(root), force)
+    return publish("dense_extract", "dense_extract", Path(r["dir"]), r["reused"], time.perf_counter() - t0,
+                   {"features": r["features"], "failed": r["failed"], "cluster": extract_cfg["cluster"]})
+
+
 @task(name="dense-train", tags=GPU, cache_policy=NO_CACHE)
 def dense_train_task(annotations: str, features: str, train_cfg: dict, root: str, warnings: list[str],
                      force: bool = False) -> dict:
@@ -124,7 +137,7 @@ def dense_pipeline(config_path: str | None = None, overrides: list[str] | None =
     outcomes, warnings = [], []
     features = data["features"]
     if features is None:
-        ex = dense_extract_task(data["annotations"], c["extract"], root, "dense_extract" in forced)
+        ex = _dense_extract(data["annotations"], c["extract"], root, "dense_extract" in forced)
         outcomes.append(ex)
         features, warnings = ex["features"], ex["warnings"]
     trained = dense_train_task(data["annotations"], features, c["train"], root, warnings, "dense_train" in forced)

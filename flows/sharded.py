@@ -1,17 +1,20 @@
-"""Sharded AVE extraction on a Dask cluster, through Prefect (`prefect_dask.DaskTaskRunner`).
+"""Sharded extraction on a Dask cluster, through Prefect (`prefect_dask.DaskTaskRunner`): AVE and dense.
 
-One Prefect task per shard (`pipeline.ave.shards`: fixed shards of videos, one part file each, a finished part is
-skipped), run on the cluster's workers; then one merge task writes the same `visual.h5` / `audio.h5` and manifest as
-a single-process `avel extract`. `cluster`:
-- `local:N`: a temporary local cluster of N worker processes, one thread each. With GPUs, one worker per GPU
-  (N of them at most), each pinned to its GPU by CUDA_VISIBLE_DEVICES and offering the resource GPU=1; without,
-  CPU workers whose torch threads share the machine's cores.
+One Prefect task per shard (fixed shards of videos, one part each, a finished part is skipped), run on the cluster's
+workers; then one merge task writes the same artifact and manifest as a single-process run:
+- AVE (`pipeline.ave.shards`): part files -> `visual.h5` / `audio.h5`, as `avel extract`;
+- dense (`pipeline.dense.shards`): part folders of .npy files -> the `dense_extract` folder, as `avel dense extract`.
+`cluster`:
+- `local:N`: a temporary local cluster of N worker processes, one task at a time each. With GPUs, one worker per
+  GPU (N of them at most), each pinned to its GPU by CUDA_VISIBLE_DEVICES and offering the resource GPU=1;
+  without, CPU workers with cores / N torch threads each (set at spawn: a nanny's default is 1).
 - `tcp://HOST:8786`: an existing scheduler (start it with `dask scheduler`, and per GPU
   `CUDA_VISIBLE_DEVICES=k dask worker tcp://HOST:8786 --nthreads 1 --resources GPU=1`).
 Shard tasks are annotated with resources GPU=1 when the encoders run on CUDA (`gpu_tasks`), so a CPU-only worker
 never gets one. Pitfalls avoided (`shared/notes/scale-out.md`): the workers reach the flow's Prefect server through
 PREFECT_API_URL (otherwise each starts its own temporary server); decoding stays in the worker's process (Dask's
-workers are daemonic); each task opens and closes its own HDF5 file.
+workers are daemonic); each task opens and closes its own HDF5 file. A worker keeps its encoders between shards
+(`extractors.kept_extractor`), and an AVE shard decodes each video once for both modalities.
 """
 
 from __future__ import annotations
@@ -27,14 +30,15 @@ from pipeline.errors import UserError
 
 
 @task(name="extract-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def extract_shard_task(dataset: str, extract_cfg: dict, root: str, modality: str, index: int,
+def extract_shard_task(dataset: str, extract_cfg: dict, root: str, modalities: list[str], index: int,
                        videos: list[str]) -> dict:
     from pipeline.ave.extract import ExtractConfig
     from pipeline.ave.shards import extract_shard
 
     cfg = ExtractConfig.model_validate(extract_cfg)
-    return {"index": index, "modality": modality, "pid": os.getpid(),
-            **extract_shard(Path(dataset), cfg, modality, index, videos, Path(root))}
+    parts = extract_shard(Path(dataset), cfg, modalities, index, videos, Path(root))
+    return {"index": index, "pid": os.getpid(), "reused": all(p["reused"] for p in parts.values()),
+            "parts": parts}
 
 
 @task(name="merge-shards", cache_policy=NO_CACHE)
@@ -63,39 +67,117 @@ def merge_task(dataset: str, extract_cfg: dict, root: str, modality: str, parts:
 @flow(name="avel-sharded-extract", log_prints=True)
 def sharded_extract_flow(dataset: str, extract_cfg: dict, root: str, shard_videos: int = 32, force: bool = False,
                          gpu_tasks: bool = False) -> dict:
-    import dask
-
     from pipeline.ave.extract import ExtractConfig
     from pipeline.ave.shards import plan_shards, planned_key, remove_parts
-    from pipeline.progress import reporter
     from pipeline.store import ArtifactStore
 
     cfg = ExtractConfig.model_validate(extract_cfg)
     shards = plan_shards(Path(dataset), shard_videos)
     store = ArtifactStore(Path(root))
-    out = {}
+    out, todo = {}, []
     for m in cfg.modalities():
         key = planned_key(Path(dataset), cfg, m)
-        stage = f"extract_{m}"
-        if not force and store.is_complete(stage, key):
+        if not force and store.is_complete(f"extract_{m}", key):
             out[m] = merge_task(dataset, extract_cfg, root, m, [], False)  # reused: opens nothing new
             continue
         if force:
             remove_parts(Path(root), m, key)
-        label = f"extract {m} shards"
-        reporter().start(label, len(shards))
-        annotations = {"resources": {"GPU": 1}} if gpu_tasks else {}
-        with dask.annotate(**annotations):
-            futures = [extract_shard_task.submit(dataset, extract_cfg, root, m, i, vids)
-                       for i, vids in enumerate(shards)]
-        done = []
-        t0 = time.perf_counter()
-        for n, f in enumerate(futures, 1):  # in shard order: the merge writes rows in the single-process order
-            done.append(f.result())
-            reporter().update(label, n, len(shards), "shards")
-        reporter().finish(label, all(d["reused"] for d in done), time.perf_counter() - t0)
-        out[m] = {**merge_task(dataset, extract_cfg, root, m, [d["path"] for d in done], force), "shards": done}
+        todo.append(m)
+    if not todo:
+        return out
+    # one task per shard for all the modalities to do: each video is decoded once
+    done = run_shards(f"extract {'+'.join(todo)} shards", extract_shard_task,
+                      [(dataset, extract_cfg, root, todo, i, vids) for i, vids in enumerate(shards)], gpu_tasks)
+    for m in todo:
+        per_shard = [{"index": d["index"], "pid": d["pid"], **d["parts"][m]} for d in done]
+        out[m] = {**merge_task(dataset, extract_cfg, root, m, [d["path"] for d in per_shard], force),
+                  "shards": per_shard}
     return out
+
+
+def run_shards(label: str, shard_task, shard_args: list[tuple], gpu_tasks: bool) -> list[dict]:
+    """Submit one task per shard (annotated GPU=1 when the encoders run on CUDA) and collect the results in shard
+    order (the merge writes rows in the single-process order), with live progress."""
+    import dask
+
+    from pipeline.progress import reporter
+
+    reporter().start(label, len(shard_args))
+    with dask.annotate(**({"resources": {"GPU": 1}} if gpu_tasks else {})):
+        futures = [shard_task.submit(*args) for args in shard_args]
+    done = []
+    t0 = time.perf_counter()
+    for n, f in enumerate(futures, 1):
+        done.append(f.result())
+        reporter().update(label, n, len(shard_args), "shards")
+    reporter().finish(label, all(d["reused"] for d in done), time.perf_counter() - t0)
+    return done
+
+
+# ---- dense ------------------------------------------------------------------------------------------------------
+@task(name="dense-extract-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def dense_shard_task(annotations: str, extract_cfg: dict, root: str, index: int, videos: list[str]) -> dict:
+    from pipeline.dense.extract import DenseExtractConfig
+    from pipeline.dense.shards import extract_shard
+
+    cfg = DenseExtractConfig.model_validate(extract_cfg)
+    return {"index": index, "pid": os.getpid(), **extract_shard(Path(annotations), cfg, index, videos, Path(root))}
+
+
+@task(name="dense-merge-shards", cache_policy=NO_CACHE)
+def dense_merge_task(annotations: str, extract_cfg: dict, root: str, parts: list[str], force: bool) -> dict:
+    from pipeline.dense.extract import DenseExtractConfig, dense_extract
+    from pipeline.dense.shards import remove_parts
+    from pipeline.progress import reporter
+
+    cfg = DenseExtractConfig.model_validate(extract_cfg)
+    label = "merge dense parts"
+    reporter().start(label, None)
+    t0 = time.perf_counter()
+    r = dense_extract(Path(annotations), cfg, Path(root), force=force, parts=[Path(p) for p in parts],
+                      progress=lambda d, n, vid: reporter().update(label, d, n, "videos"))
+    reporter().finish(label, r.reused, time.perf_counter() - t0)
+    if not r.reused:
+        remove_parts(Path(root), r.dir.name)
+    return {"dir": str(r.dir), "features": str(r.features), "key": r.dir.name, "reused": r.reused,
+            "failed": len(r.failed)}
+
+
+@flow(name="avel-sharded-dense-extract", log_prints=True)
+def sharded_dense_extract_flow(annotations: str, extract_cfg: dict, root: str, force: bool = False,
+                               gpu_tasks: bool = False) -> dict:
+    from pipeline.dense.extract import STAGE, DenseExtractConfig
+    from pipeline.dense.shards import plan_shards, remove_parts
+    from pipeline.store import ArtifactStore
+
+    cfg = DenseExtractConfig.model_validate(extract_cfg)
+    key, shards = plan_shards(Path(annotations), cfg)
+    if not force and ArtifactStore(Path(root)).is_complete(STAGE, key):
+        return dense_merge_task(annotations, extract_cfg, root, [], False)  # reused: computes nothing
+    if force:
+        remove_parts(Path(root), key)
+    done = run_shards("dense extract shards", dense_shard_task,
+                      [(annotations, extract_cfg, root, i, vids) for i, vids in enumerate(shards)], gpu_tasks)
+    return {**dense_merge_task(annotations, extract_cfg, root, [d["path"] for d in done], force), "shards": done}
+
+
+def run_sharded_dense_extract(annotations: Path, extract_cfg: dict, root: Path, force: bool = False,
+                              gpu_tasks: bool | None = None) -> dict:
+    """The sharded dense extraction flow on `extract_cfg["cluster"]` (see `run_sharded_extract`)."""
+    runner = task_runner(extract_cfg["cluster"])
+    ensure_api_url()
+    return sharded_dense_extract_flow.with_options(task_runner=runner)(
+        annotations=str(annotations), extract_cfg=extract_cfg, root=str(root), force=force,
+        gpu_tasks=_gpu_tasks(extract_cfg, gpu_tasks))
+
+
+def _gpu_tasks(extract_cfg: dict, gpu_tasks: bool | None) -> bool:
+    """None: annotate GPU=1 when this machine has CUDA and the config does not force the CPU."""
+    import torch
+
+    if gpu_tasks is None:
+        return torch.cuda.is_available() and extract_cfg.get("device", "auto") != "cpu"
+    return gpu_tasks
 
 
 def task_runner(cluster: str):
@@ -109,11 +191,25 @@ def task_runner(cluster: str):
             n = 0
         if n < 1:
             raise UserError(f"--cluster {cluster!r}: local:N with N >= 1 workers, e.g. local:2")
+        _cpu_threads_at_spawn(n)
         return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=local_cluster_spec(n))
     if cluster.startswith(("tcp://", "tls://", "ucx://")):
         return DaskTaskRunner(address=cluster)
     raise UserError(f"--cluster {cluster!r}: local:N (a local Dask cluster of N workers) or tcp://HOST:PORT (an "
                     f"existing scheduler)")
+
+
+def _cpu_threads_at_spawn(n: int) -> None:
+    """A nanny sets OMP_NUM_THREADS=1 (dask's `distributed.nanny.pre-spawn-environ`) in the environment the worker
+    process starts with, and torch fixes its thread count at import, before the nanny's `env` applies: measured, a
+    CPU worker of `local:1` on 2 cores ran its forward on 1 thread. Set the pre-spawn value to the worker's share of
+    the cores instead (this process's dask config, read when the cluster starts)."""
+    import dask
+    import torch
+
+    threads = 1 if torch.cuda.device_count() else max(1, (os.cpu_count() or 1) // n)
+    dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
+                     "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads})
 
 
 def local_cluster_spec(n: int) -> dict:
@@ -152,13 +248,10 @@ def ensure_api_url() -> None:
 
 def run_sharded_extract(dataset: Path, extract_cfg: dict, root: Path, cluster: str, shard_videos: int = 32,
                         force: bool = False, gpu_tasks: bool | None = None) -> dict:
-    """The sharded extraction flow on `cluster`; `gpu_tasks` None: annotate GPU=1 when this machine has CUDA and
-    the config does not force the CPU."""
-    import torch
-
+    """The sharded AVE extraction flow on `cluster`; `gpu_tasks` None: annotate GPU=1 when this machine has CUDA
+    and the config does not force the CPU."""
     runner = task_runner(cluster)
-    if gpu_tasks is None:
-        gpu_tasks = torch.cuda.is_available() and extract_cfg.get("device", "auto") != "cpu"
+    gpu_tasks = _gpu_tasks(extract_cfg, gpu_tasks)
     ensure_api_url()
     return sharded_extract_flow.with_options(task_runner=runner)(
         dataset=str(dataset), extract_cfg=extract_cfg, root=str(root), shard_videos=shard_videos, force=force,

@@ -2,7 +2,8 @@
 `flows.sharded`) into a part file, then merged into the very file and manifest a single-process run writes.
 
 - Shards: the dataset's videos in `video_ids()` order, `shard_videos` at a time; shard i is always the same videos
-  for one dataset, so a rerun finds its finished parts.
+  for one dataset, so a rerun finds its finished parts. One shard task decodes each video once for every modality
+  still to do and writes one part per modality; its encoders are kept in the worker for its next shard.
 - A part (`<root>/.shards/<stage>/<key>/part-<i>.h5`): one feature row per video, the decoder's info and any error,
   the stage key, the videos and the CPU thread count, written to a temporary name and renamed: a part either exists
   whole or not at all. A part with the right key and videos is never recomputed.
@@ -81,28 +82,43 @@ class _PartSink:
         release_memory()
 
 
-def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modality: str, index: int, videos: list[str],
-                  root: Path, progress: ProgressFn | None = None) -> dict:
-    """Encode one shard's videos into its part file (or find it done). Returns {"path", "reused", "videos",
-    "failed", "threads"}."""
-    from extractors import create_extractor
+def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modalities: list[str], index: int, videos: list[str],
+                  root: Path, progress: ProgressFn | None = None) -> dict[str, dict]:
+    """Encode one shard's videos into its part file per modality (or find it done), decoding each video once for
+    all of them. Returns {modality: {"path", "reused", "videos", "failed", "threads"}}."""
+    from extractors import kept_extractor
 
     ds = load_video_dataset(dataset_dir)
-    weights = _weights_info(cfg, modality)  # hashes the weight file: once per shard
-    key = planned_key(dataset_dir, cfg, modality, ds, weights)
-    path = part_path(root, modality, key, index)
-    if valid_part(path, key, videos):
-        return {"path": str(path), "reused": True, "videos": len(videos), "failed": None}
     device = resolve_device(cfg.device)
-    config = key_config(cfg, modality, device)
-    extractor = create_extractor(cfg.encoder(modality), weights=weights.path, random_init=weights.random_init,
-                                 seed=cfg.seed, device=device, precision=config["precision"],
-                                 frames_per_segment=cfg.frames_per_segment,
-                                 **({"crop_size": cfg.crop_size} if modality == "visual" and cfg.crop_size else {}))
     threads = cfg.threads or default_threads()
-    sink = _PartSink(extractor, videos, threads)
-    _run_sinks(ds, cfg.model_copy(update={"workers": 0}), device, {modality: sink}, progress)
-    shape = (len(videos), ave.SEGMENTS, *extractor.segment_shape)
+    out, sinks, paths = {}, {}, {}
+    for modality in modalities:
+        weights = _weights_info(cfg, modality)  # hashes the weight file: once per shard
+        key = planned_key(dataset_dir, cfg, modality, ds, weights)
+        path = part_path(root, modality, key, index)
+        if valid_part(path, key, videos):
+            out[modality] = {"path": str(path), "reused": True, "videos": len(videos), "failed": None}
+            continue
+        config = key_config(cfg, modality, device)
+        # kept between the shards this worker runs (building the encoders cost more than a shard's videos)
+        extractor = kept_extractor(
+            cfg.encoder(modality), weights.id, weights=weights.path, random_init=weights.random_init, seed=cfg.seed,
+            device=device, precision=config["precision"], frames_per_segment=cfg.frames_per_segment,
+            **({"crop_size": cfg.crop_size} if modality == "visual" and cfg.crop_size else {}))
+        sinks[modality] = _PartSink(extractor, videos, threads)
+        paths[modality] = (key, path)
+    if sinks:
+        _run_sinks(ds, cfg.model_copy(update={"workers": 0}), device, sinks, progress)
+    for modality, sink in sinks.items():
+        key, path = paths[modality]
+        errors = _write_part(path, key, modality, videos, sink)
+        out[modality] = {"path": str(path), "reused": False, "videos": len(videos),
+                         "failed": sum(e is not None for e in errors), "threads": threads}
+    return out
+
+
+def _write_part(path: Path, key: str, modality: str, videos: list[str], sink: _PartSink) -> list[str | None]:
+    shape = (len(videos), ave.SEGMENTS, *sink.extractor.segment_shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with h5py.File(tmp, "w") as f:
@@ -116,10 +132,9 @@ def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modality: str, index: i
             errors.append(error)
         f.attrs.update({"stage_key": key, "modality": modality, "videos": json.dumps(list(videos)),
                         "infos": json.dumps(infos, default=str), "errors": json.dumps(errors),
-                        "torch_threads": threads, "segments": ave.SEGMENTS})
+                        "torch_threads": sink.threads, "segments": ave.SEGMENTS})
     os.replace(tmp, path)
-    return {"path": str(path), "reused": False, "videos": len(videos), "failed": sum(e is not None for e in errors),
-            "threads": threads}
+    return errors
 
 
 def part_threads(parts: list[Path]) -> set[int]:

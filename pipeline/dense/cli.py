@@ -109,6 +109,10 @@ def extract(dataset: Path = typer.Option(..., "--dataset", help="Folder with the
             max_failure_share: float = typer.Option(0.0, "--max-failure-share", help="Share of videos allowed to fail."),
             device: str = typer.Option("auto", help="auto, cpu, cuda."),
             precision: str = typer.Option("auto", help="auto, fp32, bf16."),
+            threads: int = typer.Option(0, "--threads", help="CPU threads of the encoders (0: torch's default)."),
+            cluster: Optional[str] = typer.Option(None, "--cluster", help="Shard over a Dask cluster: local:N (N "
+                                                  "local workers, one per GPU with GPUs) or tcp://HOST:8786."),
+            shard_videos: int = typer.Option(8, "--shard-videos", help="Videos per shard with --cluster."),
             force: bool = typer.Option(False, help="Recompute even if these features exist.")):
     """Dense features of untrimmed videos (ResNet-50 + Cnn14 per window), one .npy per video and modality."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -119,10 +123,16 @@ def extract(dataset: Path = typer.Option(..., "--dataset", help="Folder with the
     cfg = validate(DenseExtractConfig, {"grid": grid, "frames_per_window": frames_per_window, "crop_size": crop_size,
                                         "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
                                         "random_init": random_init, "max_failure_share": max_failure_share,
-                                        "device": device, "precision": precision}, "dense extract")
+                                        "device": device, "precision": precision, "threads": threads,
+                                        "cluster": cluster, "shard_videos": shard_videos}, "dense extract")
     if random_init:
         console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; the features are "
                       "for testing the pipeline only.")
+    if cluster:
+        r = _sharded_dense_extract(dataset, cfg, root, force)
+        console.print(f"{'reused' if r['reused'] else 'wrote'} the features of {dataset} (sharded on {cluster}, "
+                      f"{r['failed']} failed) in {r['features']}", highlight=False, soft_wrap=True)
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("dense extraction", total=None)
@@ -133,6 +143,28 @@ def extract(dataset: Path = typer.Option(..., "--dataset", help="Folder with the
         console.print(f"[yellow]failed:[/yellow] {vid}: {why}", highlight=False, soft_wrap=True)
     console.print(f"{'reused' if r.reused else 'wrote'} {r.videos - len(r.failed)} of {r.videos} videos' features in "
                   f"{r.features}", highlight=False, soft_wrap=True)
+
+
+def _sharded_dense_extract(dataset: Path, cfg, root: Path, force: bool) -> dict:
+    """The sharded flow (flows.sharded), its Prefect and Dask output in <root>/logs, live progress here."""
+    import datetime
+
+    from pipeline.config import dump_config
+    from pipeline.dense.shards import plan_shards
+    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
+
+    _, shards = plan_shards(dataset, cfg)  # bad input fails before any cluster starts
+    log = Path(root) / "logs" / f"sharded-dense-extract-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
+    console.print(f"sharded dense extraction on {cfg.cluster}: {len(shards)} shards of {cfg.shard_videos} videos; "
+                  f"Prefect's and Dask's log: {log}", highlight=False, soft_wrap=True)
+    with quiet_native_output(log) as term, use_reporter(RichReporter(term)):
+        from flows.pipeline import stop_temporary_server
+        from flows.sharded import run_sharded_dense_extract
+
+        try:
+            return run_sharded_dense_extract(dataset, dump_config(cfg), root, force)
+        finally:
+            stop_temporary_server()
 
 
 NoWaitOption = typer.Option(False, "--no-wait", help="If another run is computing an artifact this one needs, end "

@@ -12,6 +12,11 @@ Streaming: frames are decoded `chunk_windows` windows at a time, so memory does 
 the number of videos (the audio track, ~4 MB per minute at 32 kHz, is read whole). Resumable: each video's files are
 written atomically and recorded in the manifest, a rerun skips them. A video that cannot be read is recorded as
 failed and the run goes on; the stage fails past `max_failure_share`.
+
+Sharded (`cluster`, `pipeline.dense.shards` + `flows.sharded`): shards of videos are extracted on Dask workers into
+part folders, and `dense_extract(..., parts=...)` moves their files in: the same folder and manifest as here.
+Bytes: a video's features depend on the video, the weights, the precision and the CPU thread count (`threads`,
+pinned per video and recorded): the same thread count gives the same bytes, sharded or not.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from pipeline.dense.annotations import load_annotations
 from pipeline.dense.features import LAYOUT_FILE, TimeGrid
 from pipeline.dense.synthetic import ANNOTATIONS
 from pipeline.errors import UserError
-from pipeline.runtime import resolve_device, resolve_precision
-from pipeline.store import ArtifactStore, write_json_atomic
+from pipeline.runtime import default_threads, pinned_threads, resolve_device, resolve_precision
+from pipeline.store import ArtifactStore, stage_key, write_json_atomic
 
 STAGE, VERSION = "dense_extract", "1"
 GRIDS = {"unav": TimeGrid(window_s=0.96, stride_s=0.32), "1s": TimeGrid(window_s=1.0, stride_s=1.0)}
@@ -56,10 +61,16 @@ class DenseExtractConfig(StrictModel):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_failure_share: float = Field(0.0, ge=0, le=1)
+    threads: int = Field(0, ge=0, description="CPU threads of the encoders (0: torch's default); recorded")
+    # Sharded on a Dask cluster (flows.sharded): "local:N" or "tcp://HOST:8786"; None: this process. Like the
+    # thread count and the device, neither enters the stage key: a sharded run writes the same artifact.
+    cluster: str | None = None
+    shard_videos: int = Field(8, ge=1, description="videos per shard (one Prefect task and part folder each)")
 
     def key_fields(self) -> dict:
         fields = {k: v for k, v in dump_config(self).items()
-                  if k not in ("device", "chunk_windows", "resnet_weights", "cnn14_weights", "max_failure_share")}
+                  if k not in ("device", "chunk_windows", "resnet_weights", "cnn14_weights", "max_failure_share",
+                               "threads", "cluster", "shard_videos")}
         return {**fields, "precision": resolve_precision(self.precision, resolve_device(self.device))}
 
 
@@ -105,26 +116,21 @@ def _save_npy(path: Path, x: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def make_encoders(cfg: DenseExtractConfig, weights: dict | None = None):
-    """(ResNet-50, Cnn14) extractors as the config says; `weights` from `locate_weights` (located here if None)."""
-    from extractors import create_extractor
-    from extractors.weights import locate_weights
+@dataclass
+class DensePlan:
+    """What the stage will read: the annotations, each video's path, the located weights, and the stage inputs
+    (the digests that, with the config, make the stage key)."""
+    annotations: Path
+    paths: dict[str, Path]
+    weights: dict
+    inputs: dict[str, str]
 
-    if weights is None:
-        weights = {"visual": locate_weights("resnet50", cfg.resnet_weights, random_init=cfg.random_init,
-                                            seed=cfg.seed),
-                   "audio": locate_weights("cnn14", cfg.cnn14_weights, random_init=cfg.random_init, seed=cfg.seed)}
-    device = resolve_device(cfg.device)
-    visual = create_extractor("resnet50", weights=weights["visual"].path, random_init=cfg.random_init, seed=cfg.seed,
-                              device=device, precision=cfg.precision, frames_per_segment=cfg.frames_per_window,
-                              **({"crop_size": cfg.crop_size} if cfg.crop_size else {}))
-    audio = create_extractor("cnn14", weights=weights["audio"].path, random_init=cfg.random_init, seed=cfg.seed,
-                             device=device, precision=cfg.precision)
-    return visual, audio
+    def key(self, cfg: DenseExtractConfig) -> str:
+        return stage_key(STAGE, VERSION, cfg.key_fields(), self.inputs)
 
 
-def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, force: bool = False,
-                  progress: Callable[[int, int, str], None] | None = None) -> DenseExtractResult:
+def plan_extract(dataset_dir: Path, cfg: DenseExtractConfig) -> DensePlan:
+    """Check the dataset and weights (clear errors before any work) and name what the stage reads."""
     from extractors.weights import locate_weights
 
     dataset_dir = Path(dataset_dir)
@@ -139,8 +145,40 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
                "audio": locate_weights("cnn14", cfg.cnn14_weights, random_init=cfg.random_init, seed=cfg.seed)}
     inputs = {"dataset": _dataset_identity(ds.path, list(paths.values())),
               **{f"{m}_weights": w.id for m, w in weights.items()}}
+    return DensePlan(ds.path, paths, weights, inputs)
+
+
+def make_encoders(cfg: DenseExtractConfig, weights: dict | None = None, keep: bool = False):
+    """(ResNet-50, Cnn14) extractors as the config says; `weights` from `locate_weights` (located here if None).
+    `keep`: kept for the process's next call (a Dask worker's next shard, `extractors.kept_extractor`)."""
+    from extractors import create_extractor, kept_extractor
+    from extractors.weights import locate_weights
+
+    if weights is None:
+        weights = {"visual": locate_weights("resnet50", cfg.resnet_weights, random_init=cfg.random_init,
+                                            seed=cfg.seed),
+                   "audio": locate_weights("cnn14", cfg.cnn14_weights, random_init=cfg.random_init, seed=cfg.seed)}
+    device = resolve_device(cfg.device)
+
+    def build(name: str, modality: str, **kwargs):
+        kwargs.update(weights=weights[modality].path, random_init=cfg.random_init, seed=cfg.seed, device=device,
+                      precision=cfg.precision)
+        return kept_extractor(name, weights[modality].id, **kwargs) if keep else create_extractor(name, **kwargs)
+
+    visual = build("resnet50", "visual", frames_per_segment=cfg.frames_per_window,
+                   **({"crop_size": cfg.crop_size} if cfg.crop_size else {}))
+    return visual, build("cnn14", "audio")
+
+
+def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, force: bool = False,
+                  progress: Callable[[int, int, str], None] | None = None,
+                  parts: list[Path] | None = None) -> DenseExtractResult:
+    """The stage. `parts`: part folders of a sharded run (`pipeline.dense.shards`) whose files are moved in instead
+    of extracting here."""
+    plan = plan_extract(dataset_dir, cfg)
+    paths = plan.paths
     store = ArtifactStore(root)
-    run = store.open(STAGE, VERSION, cfg.key_fields(), inputs)
+    run = store.open(STAGE, VERSION, cfg.key_fields(), plan.inputs)
     features = run.dir / "features"
     if run.is_complete and not force:
         return DenseExtractResult(run.dir, features, True, len(paths), run.manifest.metrics.get("failed", {}))
@@ -148,13 +186,28 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
         run.restart()
         run.manifest.items = {}
     grid = GRIDS[cfg.grid]
-    visual, audio = make_encoders(cfg, weights)
+    if parts is None:
+        visual, audio = make_encoders(cfg, plan.weights)
+        threads = cfg.threads or default_threads()
+        encoders = {"visual": visual.describe(), "audio": audio.describe()}
+        shapes = {"visual": ["T", visual.segment_shape[-1]], "audio": ["T", audio.segment_shape[-1]]}
+
+        def one_video(vid: str) -> dict:
+            return extract_item(paths[vid], features, vid, grid, cfg, visual, audio, threads)
+    else:
+        from pipeline.dense.shards import PartSource
+
+        source = PartSource(parts, run.manifest.key)
+        threads, encoders, shapes = source.threads, source.encoders, source.shapes
+
+        def one_video(vid: str) -> dict:
+            return source.take(vid, features)
     features.mkdir(parents=True, exist_ok=True)
     # the extraction config travels with the features (and into a detector's checkpoint), so `avel dense predict`
     # can compute the same features for a new video
     layout = {"visual": [SUFFIXES["visual"]], "audio": [SUFFIXES["audio"]], "grid": {
-        "window_s": grid.window_s, "stride_s": grid.stride_s}, "encoders": {
-        "visual": visual.describe(), "audio": audio.describe()}, "extract_config": dump_config(cfg)}
+        "window_s": grid.window_s, "stride_s": grid.stride_s}, "encoders": encoders,
+        "extract_config": {k: v for k, v in dump_config(cfg).items() if k not in ("cluster", "shard_videos")}}
     write_json_atomic(features / LAYOUT_FILE, layout)
     run.manifest.warnings = [RANDOM_WARNING.format(modality=m) for m in ("visual", "audio") if cfg.random_init]
     run.save()
@@ -163,12 +216,7 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
         todo = [vid for vid in paths if run.manifest.items.get(vid, {}).get("status") != "done"]
         done_before = len(paths) - len(todo)
         for n, vid in enumerate(todo, 1):
-            t0 = time.perf_counter()
-            try:
-                steps = extract_video(paths[vid], features, vid, grid, cfg, visual, audio)
-                run.manifest.items[vid] = {"status": "done", "steps": steps, "seconds": round(time.perf_counter() - t0, 3)}
-            except media.MediaError as e:
-                run.manifest.items[vid] = {"status": "failed", "error": str(e)}
+            run.manifest.items[vid] = one_video(vid)
             run.save()  # resumable per video
             if progress:
                 progress(done_before + n, len(paths), vid)
@@ -178,8 +226,8 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
     failed = {v: it["error"] for v, it in run.manifest.items.items() if it.get("status") == "failed"}
     run.manifest.metrics = {"videos": len(paths), "failed": failed, "grid": layout["grid"],
                             "steps": int(sum(it.get("steps", 0) for it in run.manifest.items.values())),
-                            "files": {m: f"<video id>{s}" for m, s in SUFFIXES.items()},
-                            "shapes": {"visual": ["T", visual.segment_shape[-1]], "audio": ["T", audio.segment_shape[-1]]}}
+                            "files": {m: f"<video id>{s}" for m, s in SUFFIXES.items()}, "shapes": shapes,
+                            "torch_threads": threads, "sharded": parts is not None}
     run.manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
     if len(failed) > cfg.max_failure_share * len(paths):
         run.fail(f"{len(failed)} of {len(paths)} videos failed, more than max_failure_share {cfg.max_failure_share}: "
@@ -189,6 +237,18 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
     run.add_output("layout", f"features/{LAYOUT_FILE}")
     run.complete()
     return DenseExtractResult(run.dir, features, False, len(paths), failed)
+
+
+def extract_item(path: Path, out: Path, vid: str, grid: TimeGrid, cfg: DenseExtractConfig, visual, audio,
+                 threads: int) -> dict:
+    """One video's files in `out` and its manifest record (done with its steps, or failed with the reason)."""
+    t0 = time.perf_counter()
+    try:
+        with pinned_threads(threads):
+            steps = extract_video(path, out, vid, grid, cfg, visual, audio)
+    except media.MediaError as e:
+        return {"status": "failed", "error": str(e)}
+    return {"status": "done", "steps": steps, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 @torch.inference_mode()

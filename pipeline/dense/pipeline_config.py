@@ -5,6 +5,7 @@
     # or {features: /data/unav100/features, annotations: /data/unav100/unav100_annotations.json} (released
     #    I3D + VGGish features: no extraction), or {synth: {train: 48, ...}} (untrimmed videos generated under root)
     extract: {grid: unav, frames_per_window: 4, resnet_weights: ..., cnn14_weights: ...}
+    #    + {cluster: local:4} (or tcp://HOST:8786) to shard the extraction over a Dask cluster (flows.sharded)
     train: {epochs: 45, model_args: {lcf: true, lac: true}}
 
 Stages: dataset -> dense_extract -> dense_train -> dense_evaluate (`--force STAGE` recomputes it and what follows).
