@@ -10,6 +10,7 @@ config re-runs fine-tuning, visual re-extraction, training and evaluation, and r
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -17,6 +18,7 @@ from prefect.artifacts import create_table_artifact
 
 from flows.tasks import (evaluate_task, extract_task, finetune_task, prepare_dataset, results_table, train_task)
 from pipeline.config import dump_config
+from pipeline.ave.finetune import retrieval_line
 from pipeline.ave.pipeline_config import forced_stages, resolve_config
 
 
@@ -46,10 +48,12 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
         visual = _extract(dataset, ft_extract, root, "visual", "extract_visual (fine-tuned)",
                           "extract_visual" in forced)
         outcomes += [ft, visual]
-    if cfg.baseline and not cfg.skip_finetune:
-        outcomes.append(train_task(dataset, visual0["path"], audio["path"], c["train"], root,
-                                   "train (initial encoder, baseline)", "train" in forced))
     trained = train_task(dataset, visual["path"], audio["path"], c["train"], root, "train", "train" in forced)
+    comparison = None
+    if cfg.baseline and not cfg.skip_finetune:
+        comparison = baseline_comparison(dataset, {"initial encoder": visual0, "fine-tuned encoder": visual}, audio,
+                                         c["train"], cfg.comparison_seeds(), root, "train" in forced, outcomes,
+                                         ft["retrieval_before"], ft["retrieval_after"])
     evaluated = evaluate_task(trained["checkpoint"], dataset, visual["path"], audio["path"], root,
                               cfg.evaluate_split, "evaluate" in forced)
     outcomes += [trained, evaluated]
@@ -63,6 +67,9 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
     create_table_artifact(metrics, key="pipeline-metrics", description=f"final metrics ({cfg.train.model} localizer)")
     warnings = sorted({w for o in outcomes for w in o.get("warnings", [])})
     return {"dataset": dataset, "stages": outcomes, "model": cfg.train.model, "accuracy": evaluated["accuracy"],
+            "retrieval": None if cfg.skip_finetune else retrieval_line(ft["retrieval_before"],
+                                                                      ft["retrieval_after"]),
+            "baseline": comparison,
             "all_background_accuracy": evaluated["all_background_accuracy"], "split": cfg.evaluate_split,
             "warnings": warnings, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -72,7 +79,6 @@ def _extract(dataset: str, extract_cfg: dict, root: str, modality: str, label: s
     subflow; the same artifact and outcome either way."""
     if not extract_cfg.get("cluster"):
         return extract_task(dataset, extract_cfg, root, modality, label, force)
-    from pathlib import Path
 
     from flows.sharded import run_sharded_extract
     from flows.tasks import publish
@@ -83,6 +89,47 @@ def _extract(dataset: str, extract_cfg: dict, root: str, modality: str, label: s
     return publish(f"extract_{modality}", label, Path(r["path"]).parent, r["reused"], time.perf_counter() - t0,
                    {"path": r["path"], "random_init": r["random_init"], "failed_rows": r["failed_rows"],
                     "cluster": extract_cfg["cluster"]})
+
+
+def baseline_comparison(dataset: str, features: dict[str, dict], audio: dict, train_cfg: dict, seeds: list[int],
+                        root: str, force: bool, outcomes: list, before: dict | None, after: dict | None) -> dict:
+    """The localizer trained on each visual feature set with the same seeds: per seed and mean +- std of the test
+    accuracy (val-selected checkpoint). A seed equal to the main run's reuses its training. Published as a table
+    artifact and written to <root>/reports/baseline-<keys>.md."""
+    import statistics
+
+    from pipeline.store import write_text_atomic
+
+    rows = []
+    for label, visual in features.items():
+        accs, keys = [], []
+        for seed in seeds:
+            o = train_task(dataset, visual["path"], audio["path"], {**train_cfg, "seed": seed}, root,
+                           f"train ({label}, seed {seed})", force)
+            outcomes.append(o)
+            accs.append(o["test_accuracy"])
+            keys.append(o["key"])
+        rows.append({"visual features": label, "seeds": ", ".join(map(str, seeds)),
+                     "test accuracy mean": round(statistics.mean(accs), 2),
+                     "std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
+                     "per seed": ", ".join(f"{a:.2f}" for a in accs), "extraction key": visual["key"],
+                     "train keys": ", ".join(keys)})
+    create_table_artifact(rows, key="baseline-comparison", description="localizer on the initial vs the fine-tuned "
+                                                                         "encoder's features, same seeds")
+    lines = ["# Fine-tuning's effect on the localizer", "",
+             f"Localizer test accuracy (%, val-selected checkpoint), seeds {', '.join(map(str, seeds))}.", "",
+             "| visual features | mean +- std | per seed |", "|---|---|---|"]
+    lines += [f"| {r['visual features']} | {r['test accuracy mean']:.2f} +- {r['std']:.2f} | {r['per seed']} |"
+              for r in rows]
+    line = retrieval_line(before, after)
+    if line:
+        lines += ["", f"Fine-tuning, held-out {line}"]
+    if any("RANDOM WEIGHTS" in w for o in outcomes for w in o.get("warnings", [])):
+        lines += ["", "RANDOM WEIGHTS: these runs started from randomly initialised encoders (testing only)."]
+    path = Path(root) / "reports" / f"baseline-{rows[0]['extraction key']}-{rows[1]['extraction key']}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return {"rows": rows, "report": str(path)}
 
 
 def stop_temporary_server() -> None:

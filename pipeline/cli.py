@@ -468,7 +468,7 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
 
     from pipeline.config import load_config
     from pipeline.ave.features import newest_extraction
-    from pipeline.ave.finetune import FinetuneConfig, finetune_stage, print_epoch
+    from pipeline.ave.finetune import FinetuneConfig, finetune_stage, print_epoch, retrieval_line
 
     cfg = load_config(FinetuneConfig, config, list(set_) + ([f"precision={precision}"] if precision else []),
                       section="finetune")
@@ -514,6 +514,9 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
                   f"{result.reference_weights}", highlight=False, soft_wrap=True)
     console.print(f"next: avel extract --dataset {dataset} --root {root} --modality visual --resnet-weights "
                   f"{result.weights}   (the audio features are reused)", highlight=False, soft_wrap=True)
+    line = retrieval_line(result.retrieval.get("before"), result.retrieval.get("after"))
+    skipped = result.retrieval.get("after", {}).get("skipped", "no held-out videos")
+    console.print(line or f"retrieval not measured: {skipped}", highlight=False, soft_wrap=True)
 
 
 # ---- predicting on your own videos ------------------------------------------------------------------------------
@@ -652,6 +655,14 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
         for w in result["warnings"]:
             if not w.startswith("RANDOM WEIGHTS"):  # said once, above and in the last line
                 term.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+        if result.get("retrieval"):
+            term.print(f"fine-tuning, held-out {result['retrieval']}", highlight=False, soft_wrap=True)
+        if result.get("baseline"):
+            for row in result["baseline"]["rows"]:
+                term.print(f"localizer on the {row['visual features']}'s features: test accuracy "
+                           f"{row['test accuracy mean']:.2f} +- {row['std']:.2f} % (seeds {row['seeds']}: "
+                           f"{row['per seed']})", highlight=False, soft_wrap=True)
+            term.print(f"comparison: {result['baseline']['report']}", highlight=False, soft_wrap=True)
         term.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
                    f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s, "
                    f"precision {'/'.join(sorted({note.split()[1] for note in precisions.values()}))}"

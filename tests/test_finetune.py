@@ -8,6 +8,7 @@ never re-run by this stage, so its numbers only need to be fixed per video.
 from __future__ import annotations
 
 import csv
+import re
 import json
 import shutil
 from pathlib import Path
@@ -289,3 +290,57 @@ def test_reextraction_uses_the_new_weights_and_reuses_audio(dataset, finished):
     assert audio.reused and audio.key == first["audio"].key
     with h5py.File(again.path) as f, h5py.File(first["visual"].path) as g:
         assert not np.allclose(f["avadataset"][0], g["avadataset"][0])
+
+
+# ---- starting from random encoders: the knobs that let InfoNCE learn ----------------------------------------------
+def test_random_start_knobs_standardize_normalise_and_record_the_recall_curve(dataset, audio_h5, tmp_path):
+    from pipeline.ave.finetune import retrieval_line
+
+    assert "standardize_audio" not in CFG.key_fields() and "head_norm" not in CFG.key_fields()  # old keys stay
+    knobs = CFG.model_copy(update={"standardize_audio": True, "head_norm": True, "retrieval_every": 1,
+                                   "holdout_fraction": 0.25, "epochs": 2, "milestones": [10]})
+    assert knobs.key_fields()["standardize_audio"] and "retrieval_every" not in knobs.key_fields()
+    data = prepare_data(ave.load_dataset(dataset), audio_h5, knobs)
+    assert np.allclose(data.train_audio.mean(0), 0, atol=1e-5) and np.allclose(data.train_audio.std(0), 1, atol=1e-4)
+    raw = prepare_data(ave.load_dataset(dataset), audio_h5, CFG.model_copy(update={"holdout_fraction": 0.25}))
+    assert not np.allclose(data.heldout_audio, raw.heldout_audio)  # scaled with the training videos' statistics
+    r = finetune_stage(dataset, audio_h5, knobs, tmp_path, random_init=True)
+    curve = r.retrieval["curve"]  # epoch 0 is `before`, then every epoch; the last one is `after`
+    assert [c["epoch"] for c in curve] == [0, 1, 2]
+    assert curve[0]["audio_to_visual"] == r.retrieval["before"]["audio_to_visual"]
+    assert curve[-1]["audio_to_visual"] == r.retrieval["after"]["audio_to_visual"]
+    line = retrieval_line(r.retrieval["before"], r.retrieval["after"])
+    n = r.retrieval["after"]["n"]
+    assert line.startswith("retrieval a->v R@1: before ") and f"(chance {100 / n:.1f} %, {n} held-out videos)" in line
+    # the head's BatchNorm has running statistics: retrieval in eval mode scores each video alone
+    weights = torch.load(r.dir / "last.pt", weights_only=True)["model"]
+    assert weights["visual_head.norm.running_var"].shape == (2048,)
+    assert retrieval_line({"n": 1, "skipped": "x"}, {"n": 1, "skipped": "x"}) is None
+
+
+def test_head_norm_removes_the_common_component():
+    from models.finetune import ProjectionHead
+
+    torch.manual_seed(0)
+    common = torch.full((1, 32), 50.0)
+    x = common + 0.01 * torch.randn(16, 32)  # what random encoders give: one vector plus a little
+    plain, normed = ProjectionHead(32, 8), ProjectionHead(32, 8, norm=True)
+    normed.proj.weight.data.copy_(plain.proj.weight.data)
+    cos = lambda e: (e @ e.T)[~torch.eye(16, dtype=bool)].mean()  # noqa: E731
+    assert cos(plain(x)) > 0.999 and cos(normed(x)) < 0.2
+
+
+def test_cli_ends_with_the_retrieval_line(dataset, audio_h5, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "finetune", "--dataset", str(dataset), "--root",
+                        str(tmp_path), "--audio", str(audio_h5), "--random-init", "--precision", "fp32",
+                        "--set", "epochs=1", "--set", "batch_size=4", "--set", "trainable_stages=[layer4]",
+                        "--set", "frames_per_video=2", "--set", "crop_size=32", "--set", "workers=0",
+                        "--set", "holdout_fraction=0.25", "--set", "head_norm=true"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    last = r.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"retrieval a->v R@1: before \d+\.\d % after \d+\.\d % \(chance \d+\.\d %, \d+ held-out "
+                        r"videos\); v->a R@1: before \d+\.\d % after \d+\.\d %", last), last

@@ -3,6 +3,8 @@
 One Prefect test harness (a temporary server, `prefect_harness` in conftest) for the whole session: 10-20 s.
 """
 
+from pathlib import Path
+
 import h5py
 import pytest
 
@@ -87,6 +89,18 @@ def test_pipeline_runs_reuses_and_reruns_only_what_changed(prefect_harness, tmp_
                                                  "feature_heads: 2, ff_mult: 2}"])
     assert {label for label, o in by_label(other).items() if not o["reused"]} == {"train", "evaluate"}
     assert by_label(other)["train"]["model"] == "aveclip" and 0 <= other["accuracy"] <= 100
+
+    # the baseline comparison: the localizer on the initial and on the fine-tuned features, the same seeds
+    compared = full_pipeline(config=cfg, overrides=["baseline=true"])
+    rows = compared["baseline"]["rows"]
+    assert [r["visual features"] for r in rows] == ["initial encoder", "fine-tuned encoder"]
+    assert all(r["seeds"] == "3917, 3918, 3919" and len(r["per seed"].split(", ")) == 3 for r in rows)
+    labels = by_label(compared)
+    main = labels["train (fine-tuned encoder, seed 3917)"]
+    assert main["key"] == labels["train"]["key"] and main["reused"]  # the main run is the first seed
+    assert labels["train (initial encoder, seed 3917)"]["key"] != labels["train"]["key"]
+    report = Path(compared["baseline"]["report"]).read_text()
+    assert "| initial encoder |" in report and "| fine-tuned encoder |" in report and "RANDOM WEIGHTS" in report
 
 
 def test_a_failing_stage_fails_the_run_and_keeps_finished_artifacts(prefect_harness, tmp_path, monkeypatch):

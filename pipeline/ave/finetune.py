@@ -96,6 +96,16 @@ class FinetuneConfig(StrictModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # the trunk's compute (auto: bf16 autocast where the device
     # has native bf16); the loss in fp32
     workers: int = Field(4, ge=0, description="DataLoader processes decoding frames (0: in the main process)")
+    # Knobs for starting from random encoders (our design, off in the paper's recipe;
+    # `benchmarks/finetune_evidence.py` measured what each does): random ResNet-50 and Cnn14 give nearly constant
+    # embeddings (cosine ~0.998 between videos), so a bias-free projection of them is nearly the same vector for
+    # every video and InfoNCE sits at ln(batch).
+    standardize_audio: bool = Field(False, description="z-score the video-level audio embeddings with the training "
+                                                       "videos' mean and std (per dimension)")
+    head_norm: bool = Field(False, description="BatchNorm1d without affine on each projection head's input: centres "
+                                               "and scales the embeddings before the projection")
+    retrieval_every: int = Field(0, ge=0, description="also measure held-out retrieval after every k-th epoch "
+                                                      "(0: only before and after); the recall curve")
 
     @field_validator("trainable_stages", mode="before")
     @classmethod
@@ -119,7 +129,10 @@ class FinetuneConfig(StrictModel):
 
     def key_fields(self) -> dict:
         """Fields that change the result (device and workers do not; the precision that runs does)."""
-        fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "workers")}
+        fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "workers", "retrieval_every")}
+        for knob in ("standardize_audio", "head_norm"):  # in the key when on: keys of before they existed stay
+            if not fields[knob]:
+                del fields[knob]
         return {**fields, "precision": self.resolved_precision()}
 
     @property
@@ -237,8 +250,14 @@ def prepare_data(ds: ave.AVEDataset, audio_h5: Path, cfg: FinetuneConfig) -> Fin
         dim = next(iter(means.values())).shape[0]
         return np.stack([means[v] for v in vs]) if vs else np.zeros((0, dim), np.float32)
 
+    train_audio, heldout_audio = stack(train_ids), stack(heldout_ids)
+    if cfg.standardize_audio:  # statistics of the training videos only; the held-out ones are scaled alike
+        mu = train_audio.astype(np.float64).mean(0)
+        sd = train_audio.astype(np.float64).std(0)
+        sd = np.where(sd > 0, sd, 1.0)
+        train_audio, heldout_audio = (((x - mu) / sd).astype(np.float32) for x in (train_audio, heldout_audio))
     return FinetuneData(train_ids, heldout_ids, [ds.video_path(v) for v in train_ids],
-                        [ds.video_path(v) for v in heldout_ids], stack(train_ids), stack(heldout_ids), excluded,
+                        [ds.video_path(v) for v in heldout_ids], train_audio, heldout_audio, excluded,
                         overlap, random_init)
 
 
@@ -410,7 +429,7 @@ def build_model(weights, cfg: FinetuneConfig, audio_dim: int) -> AudioVisualCont
     return AudioVisualContrastive(resnet, visual_dim=resnet.fc.in_features, audio_dim=audio_dim,
                                   embed_dim=cfg.embed_dim, temperature=cfg.temperature,
                                   learnable_temperature=cfg.learnable_temperature,
-                                  trainable_stages=cfg.trainable_stages)
+                                  trainable_stages=cfg.trainable_stages, head_norm=cfg.head_norm)
 
 
 def _optimizer(model: AudioVisualContrastive, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -539,6 +558,10 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
         record = {"epoch": epoch, "epochs": cfg.epochs, "lr": lr, "loss": total / videos,
                   "temperature": float(model.temperature), "seconds": time.perf_counter() - t0,
                   "data_wait_s": wait, "videos": videos, "batches": batches}
+        if cfg.retrieval_every and (epoch + 1) % cfg.retrieval_every == 0 and epoch + 1 < cfg.epochs:
+            if main:  # the recall curve (the last epoch's is `after`, measured below)
+                record["retrieval"] = _recalls(_retrieval(model, heldout_set, device, cfg))
+            distributed.barrier()
         history.append(record)
         with distributed.main_writes() as writes:
             if writes:
@@ -556,11 +579,17 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
     t0 = time.perf_counter()
     after = _retrieval(model, heldout_set, device, cfg)
     after["seconds"] = round(time.perf_counter() - t0, 3)
+    curve = []
+    if cfg.retrieval_every and history:  # the recall curve: epoch 0 is `before`, the last epoch `after`
+        history[-1]["retrieval"] = _recalls(after)
+        curve = [{"epoch": 0, **_recalls(before)}] + [{"epoch": h["epoch"] + 1, **h["retrieval"]} for h in history
+                                                     if "retrieval" in h]
     retrieval = {"before": before, "after": after, "heldout_ids": data.heldout_ids,
                  "directions": "audio_to_visual: each held-out video's audio embedding ranks the held-out visual "
                                "embeddings; visual_to_audio: the reverse. Recall in %.",
                  "frames": "the middle grid frame of each of the 10 seconds", "before_means": "initial weights and "
-                 "freshly initialised projection heads", "after_means": "final weights (last epoch)"}
+                 "freshly initialised projection heads", "after_means": "final weights (last epoch)",
+                 **({"curve": curve} if curve else {})}
     write_json_atomic(out_dir / "retrieval.json", retrieval)
     info = {**(meta or {}), "epochs": cfg.epochs, "final_loss": history[-1]["loss"] if history else None,
             "trainable_stages": list(model.trainable_stages)}
@@ -702,6 +731,18 @@ def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root:
 
 def _recalls(r: dict) -> dict:
     return {k: r[k] for k in ("n", "audio_to_visual", "visual_to_audio", "chance", "skipped") if k in r}
+
+
+def retrieval_line(before: dict | None, after: dict | None) -> str | None:
+    """`retrieval a->v R@1: before X.X % after Y.Y % (chance Z.Z %, N held-out videos)`, then v->a; None when
+    retrieval was not measured (fewer than 2 held-out videos)."""
+    before, after = before or {}, after or {}
+    if "audio_to_visual" not in before or "audio_to_visual" not in after:
+        return None
+    return (f"retrieval a->v R@1: before {before['audio_to_visual']['R@1']:.1f} % after "
+            f"{after['audio_to_visual']['R@1']:.1f} % (chance {after['chance']['R@1']:.1f} %, {after['n']} held-out "
+            f"videos); v->a R@1: before {before['visual_to_audio']['R@1']:.1f} % after "
+            f"{after['visual_to_audio']['R@1']:.1f} %")
 
 
 def reextract_visual(dataset_dir: Path, result: FinetuneResult, root: Path, extract_cfg=None, **kwargs):

@@ -9,7 +9,8 @@
 Stage order and what depends on what (used by `--force STAGE`):
     extract_audio ─┬─> finetune ─> extract_visual (fine-tuned) ─┬─> train ─> evaluate
                    └────────────────────────────────────────────┘
-    extract_visual (initial encoder) ─> [train_baseline, when `baseline: true`]
+    extract_visual (initial encoder) ─> [train on it per baseline seed, when `baseline: true`; the
+                                         fine-tuned features are trained with the same seeds]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel, apply_overrides, dump_config, load_config, validate
 from pipeline.ave.extract import ExtractConfig
@@ -60,7 +61,15 @@ class PipelineConfig(StrictModel):
     extract: ExtractConfig = ExtractConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     skip_finetune: bool = False  # train on the initial encoder's features (paper: 81.56 % vs 82.36 % fine-tuned)
-    baseline: bool = False  # also train on the initial features, to measure what fine-tuning changed
+    # also train on the initial features, to measure what fine-tuning changed: the localizer on the initial and on
+    # the re-extracted (fine-tuned) features, the same seeds, mean +- std of the test accuracy (a table artifact,
+    # the run's last lines, <root>/reports/baseline-<keys>.md)
+    baseline: bool = False
+    baseline_seeds: list[int] | None = Field(None, min_length=1, description="None: train.seed and the next two "
+                                                                             "(the main run is one of them)")
+
+    def comparison_seeds(self) -> list[int]:
+        return self.baseline_seeds or [self.train.seed + i for i in range(3)]
     train: TrainConfig = TrainConfig()
     evaluate_split: Literal["val", "test"] = "test"
 
