@@ -26,7 +26,8 @@ each rank scores its own queries against the embeddings of all ranks, gathered w
 (`models.losses.info_nce_share`), so the loss and its gradient are the full batch's; DDP averages the gradients.
 BatchNorm of the trained stages: SyncBatchNorm on CUDA (statistics over the global batch, as one process); on the
 CPU torch has no SyncBatchNorm, so each rank normalises with its own share's statistics and the result differs
-from one process (it is equal when no trained stage has a BatchNorm in train mode, e.g. trainable_stages=[conv1]);
+from one process (it is equal when no trained stage has a BatchNorm in train mode, e.g. trainable_stages=[conv1];
+the same holds for `head_norm`'s BatchNorm1d on the heads, synchronised on CUDA too);
 running statistics are rank 0's (DDP broadcasts its buffers). Rank 0 alone measures retrieval and writes every
 file; the other ranks wait at a barrier. The number of processes (when > 1) enters the stage key.
 
@@ -482,6 +483,9 @@ def _finetune_model(data: FinetuneData, weights, cfg: FinetuneConfig, out_dir: P
     if world > 1 and device.type == "cuda":  # BatchNorm over the global batch (torch has it for GPUs only)
         for name in model.trainable_stages:
             setattr(model.trunk, name, distributed.sync_batchnorm(getattr(model.trunk, name)))
+        if cfg.head_norm:
+            model.visual_head = distributed.sync_batchnorm(model.visual_head)
+            model.audio_head = distributed.sync_batchnorm(model.audio_head)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.lr_gamma)
     norm = Normalizer(device)
