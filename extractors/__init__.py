@@ -51,17 +51,14 @@ def create_extractor(name: str, **kwargs) -> Extractor:
 
 
 @functools.lru_cache(maxsize=4)
-def _kept_extractor(name: str, weights_id: str, **kwargs) -> Extractor:
-    return create_extractor(name, **kwargs)
-
-
 def kept_extractor(name: str, weights_id: str, **kwargs) -> Extractor:
     """`create_extractor`, kept for the life of the process (the last 4 distinct ones): a Dask worker runs many
     shards with the same encoders, and building Cnn14 or ResNet-50 (and reading their weights) for each shard cost
     more than the shard's videos on a CPU (measured, `benchmarks/scaling.py`). `weights_id` (the weight file's
     digest, `extractors.weights`) is part of the key, so a changed file at the same path builds a new one.
     Extractors hold no per-video state, so sharing one between shards of the same worker is safe."""
-    return _kept_extractor(name, weights_id, **kwargs)
+    return create_extractor(name, **kwargs)
 
 
-__all__ = ["Extractor", "create_extractor", "kept_extractor", "get_extractor_class", "list_extractors", "register_extractor"]
+__all__ = ["Extractor", "create_extractor", "get_extractor_class", "kept_extractor", "list_extractors",
+           "register_extractor"]

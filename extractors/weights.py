@@ -109,7 +109,21 @@ def locate_weights(encoder: str, path: Path | None = None, *, random_init: bool 
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file (an interrupted download?); replace it with the real {encoder} "
                         f"weights")
-    return WeightsInfo(encoder, path, file_sha256(path) if hash_file else None, False, None, source)
+    return WeightsInfo(encoder, path, weights_sha256(path) if hash_file else None, False, None, source)
+
+
+_SHA256_SEEN: dict[tuple, str] = {}
+
+
+def weights_sha256(path: Path) -> str:
+    """The file's sha256, computed once per process while the file is unchanged (same inode, size and mtime): a
+    Dask worker locates the weights for every shard it runs, and hashing ~100 MB per shard and encoder would cost
+    more than a small shard's videos."""
+    st = Path(path).stat()
+    stamp = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp not in _SHA256_SEEN:
+        _SHA256_SEEN[stamp] = file_sha256(path)
+    return _SHA256_SEEN[stamp]
 
 
 def read_checkpoint(path: Path, what: str, trusted_sha256: str | None = None) -> Any:

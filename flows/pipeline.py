@@ -79,7 +79,6 @@ def _extract(dataset: str, extract_cfg: dict, root: str, modality: str, label: s
     subflow; the same artifact and outcome either way."""
     if not extract_cfg.get("cluster"):
         return extract_task(dataset, extract_cfg, root, modality, label, force)
-
     from flows.sharded import run_sharded_extract
     from flows.tasks import publish
 
@@ -130,6 +129,18 @@ def baseline_comparison(dataset: str, features: dict[str, dict], audio: dict, tr
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "\n".join(lines) + "\n")
     return {"rows": rows, "report": str(path)}
+
+
+def run_quietly(log: Path, fn):
+    """`fn()` with Prefect's and Dask's own output in `log` and live progress on the terminal; Prefect's temporary
+    server stopped before returning (what the CLI's sharded extraction commands run their flows in)."""
+    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
+
+    with quiet_native_output(log) as term, use_reporter(RichReporter(term)):
+        try:
+            return fn()
+        finally:
+            stop_temporary_server()
 
 
 def stop_temporary_server() -> None:

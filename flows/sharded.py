@@ -191,7 +191,6 @@ def task_runner(cluster: str):
             n = 0
         if n < 1:
             raise UserError(f"--cluster {cluster!r}: local:N with N >= 1 workers, e.g. local:2")
-        _cpu_threads_at_spawn(n)
         return DaskTaskRunner(cluster_class="distributed.SpecCluster", cluster_kwargs=local_cluster_spec(n))
     if cluster.startswith(("tcp://", "tls://", "ucx://")):
         return DaskTaskRunner(address=cluster)
@@ -199,31 +198,26 @@ def task_runner(cluster: str):
                     f"existing scheduler)")
 
 
-def _cpu_threads_at_spawn(n: int) -> None:
-    """A nanny sets OMP_NUM_THREADS=1 (dask's `distributed.nanny.pre-spawn-environ`) in the environment the worker
-    process starts with, and torch fixes its thread count at import, before the nanny's `env` applies: measured, a
-    CPU worker of `local:1` on 2 cores ran its forward on 1 thread. Set the pre-spawn value to the worker's share of
-    the cores instead (this process's dask config, read when the cluster starts)."""
-    import dask
-    import torch
-
-    threads = 1 if torch.cuda.device_count() else max(1, (os.cpu_count() or 1) // n)
-    dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
-                     "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads})
-
-
 def local_cluster_spec(n: int) -> dict:
-    """SpecCluster arguments: n single-threaded worker processes; with GPUs one per GPU, pinned and GPU=1."""
+    """SpecCluster arguments: n worker processes running one task at a time; with GPUs one per GPU, pinned and
+    GPU=1; without, cores / n torch threads each.
+
+    The thread count goes through dask's `distributed.nanny.pre-spawn-environ` (this process's dask config, read
+    when the cluster starts): a nanny starts its worker with OMP_NUM_THREADS=1 there, and torch fixes its thread
+    count at import, before a nanny's `env` applies (measured: a CPU worker of `local:1` on 2 cores ran on 1
+    thread)."""
+    import dask
     import torch
     from distributed import Nanny, Scheduler
 
     gpus = torch.cuda.device_count()
-    cores = os.cpu_count() or 1
+    threads = 1 if gpus else max(1, (os.cpu_count() or 1) // n)
+    dask.config.set({"distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": threads,
+                     "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": threads})
     workers = {}
     for i in range(min(n, gpus) if gpus else n):
-        env = {"CUDA_VISIBLE_DEVICES": str(i)} if gpus else {
-            "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, cores // n))}
-        options = {"nthreads": 1, "env": env, "dashboard_address": None, "silence_logs": 40}
+        options = {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i) if gpus else ""},
+                   "dashboard_address": None, "silence_logs": 40}
         if gpus:
             options["resources"] = {"GPU": 1}
         workers[f"worker-{i}"] = {"cls": Nanny, "options": options}

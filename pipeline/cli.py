@@ -424,21 +424,17 @@ def _sharded_extract(dataset: Path, cfg, root: Path, force: bool) -> None:
 
     from pipeline.ave.extract import load_video_dataset, planned_weights
     from pipeline.config import dump_config
-    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
 
     load_video_dataset(dataset)
     planned_weights(cfg)  # bad input fails before any cluster starts
     log = Path(root) / "logs" / f"sharded-extract-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
     console.print(f"sharded extraction on {cfg.cluster}, {cfg.shard_videos} videos per shard; Prefect's and Dask's "
                   f"log: {log}", highlight=False, soft_wrap=True)
-    with quiet_native_output(log) as term, use_reporter(RichReporter(term)):
-        from flows.pipeline import stop_temporary_server
-        from flows.sharded import run_sharded_extract
+    from flows.pipeline import run_quietly
+    from flows.sharded import run_sharded_extract
 
-        try:
-            run_sharded_extract(dataset, dump_config(cfg), root, cfg.cluster, cfg.shard_videos, force)
-        finally:
-            stop_temporary_server()
+    run_quietly(log, lambda: run_sharded_extract(dataset, dump_config(cfg), root, cfg.cluster, cfg.shard_videos,
+                                                 force))
 
 
 # ---- fine-tuning ------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modalities: list[str], 
     threads = cfg.threads or default_threads()
     out, sinks, paths = {}, {}, {}
     for modality in modalities:
-        weights = _weights_info(cfg, modality)  # hashes the weight file: once per shard
+        weights = _weights_info(cfg, modality)  # the weight file is hashed once per worker (extractors.weights)
         key = planned_key(dataset_dir, cfg, modality, ds, weights)
         path = part_path(root, modality, key, index)
         if valid_part(path, key, videos):

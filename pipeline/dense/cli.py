@@ -151,20 +151,15 @@ def _sharded_dense_extract(dataset: Path, cfg, root: Path, force: bool) -> dict:
 
     from pipeline.config import dump_config
     from pipeline.dense.shards import plan_shards
-    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
 
     _, shards = plan_shards(dataset, cfg)  # bad input fails before any cluster starts
     log = Path(root) / "logs" / f"sharded-dense-extract-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
     console.print(f"sharded dense extraction on {cfg.cluster}: {len(shards)} shards of {cfg.shard_videos} videos; "
                   f"Prefect's and Dask's log: {log}", highlight=False, soft_wrap=True)
-    with quiet_native_output(log) as term, use_reporter(RichReporter(term)):
-        from flows.pipeline import stop_temporary_server
-        from flows.sharded import run_sharded_dense_extract
+    from flows.pipeline import run_quietly
+    from flows.sharded import run_sharded_dense_extract
 
-        try:
-            return run_sharded_dense_extract(dataset, dump_config(cfg), root, force)
-        finally:
-            stop_temporary_server()
+    return run_quietly(log, lambda: run_sharded_dense_extract(dataset, dump_config(cfg), root, force))
 
 
 NoWaitOption = typer.Option(False, "--no-wait", help="If another run is computing an artifact this one needs, end "
