@@ -39,6 +39,7 @@ def compute_keys(work: Path) -> dict[str, dict[str, str]]:
     from pipeline.ave.synth import SynthConfig, generate_dataset
     from pipeline.cli import app
     from pipeline.dense.videos import VideoSynthConfig, generate_video_dataset
+    from pipeline.store import file_sha256
 
     def run(*args: str) -> None:
         res = CliRunner().invoke(app, [str(a) for a in args])
@@ -73,6 +74,11 @@ def compute_keys(work: Path) -> dict[str, dict[str, str]]:
     run("dense", "extract", "--dataset", dense_ds, "--root", work / "store-dense", "--random-init", "--precision",
         "fp32", "--frames-per-window", "1", "--crop-size", "32", "--device", "cpu")
     keys["dense_extract"] = _keys(work / "store-dense")
+    # the dense detector's key digests the feature folder's layout file (and the files' names and sizes): a fresh
+    # extraction must write the same bytes there, or `avel dense train` on it would get another key
+    layout = work / "store-dense" / "dense_extract" / keys["dense_extract"]["dense_extract"] / "features"
+    keys["dense_features"] = {"features.json": file_sha256(layout / "features.json"),
+                              "npy": ",".join(sorted(f"{p.name}:{p.stat().st_size}" for p in layout.glob("*.npy")))}
     return keys
 
 
