@@ -187,7 +187,7 @@ def naive_visual(dataset: Path, fps_seg: int, device: torch.device) -> dict:
         n = len(vr)
         frames = vr.get_batch(list(range(n))).asnumpy()  # every frame, as the reference's cv2 loop reads them
         fi = int(n / 10)
-        idx = [int(l * fi + (i / fps_seg) * fi) for l in range(10) for i in range(fps_seg)]
+        idx = [int(s * fi + (i / fps_seg) * fi) for s in range(10) for i in range(fps_seg)]
         tensors = list(pool.map(lambda k: transform(Image.fromarray(frames[k])), idx))
         decode_s += time.perf_counter() - td
         x = torch.stack(tensors).to(device)
@@ -297,7 +297,7 @@ def naive_data_path(dataset: Path, fps_seg: int) -> dict:
         n = len(vr)
         frames = vr.get_batch(list(range(n))).asnumpy()
         fi = int(n / 10)
-        idx = [int(l * fi + (i / fps_seg) * fi) for l in range(10) for i in range(fps_seg)]
+        idx = [int(s * fi + (i / fps_seg) * fi) for s in range(10) for i in range(fps_seg)]
         torch.stack(list(pool.map(lambda k: transform(Image.fromarray(frames[k])), idx))).mean()
     return {"seconds": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0}
 

@@ -4,7 +4,8 @@ processes for DDP fine-tuning and localizer training (torch's elastic launcher).
 What runs (randomly initialised encoders: speed does not depend on the weights):
 - AVE extraction of `--videos` generated videos (both encoders, `--frames-per-segment`, `--crop-size`) by
   `avel extract`: in one process (torch's default threads, decoding workers), then `--cluster local:1` and
-  `--cluster local:2` (worker processes of cores / N torch threads each, `flows.sharded.local_cluster_spec`). Wall time of the whole command, so the cluster's start, the per-shard model
+  `--cluster local:2` (worker processes of cores / N torch threads each, `flows.sharded.local_cluster_spec`).
+  Wall time of the whole command, so the cluster's start, the per-shard model
   construction and the merge count: it is what a user waits for.
 - Dense extraction of `--dense-videos` generated untrimmed videos by `avel dense extract`, one process against
   `--cluster local:2`.
@@ -107,7 +108,8 @@ def training(work: Path, args) -> list[dict]:
         r = train_stage(fs, cfg, work / f"train-{nproc}", nproc=nproc)
         m = json.loads((r.dir / "manifest.json").read_text())
         rows.append({"what": "localizer epoch", "variant": f"nproc {nproc}",
-                     "seconds": round(m["timings"]["train_s_per_epoch"], 2), "rate": f"{args.train_videos} videos, batch 64"})
+                     "seconds": round(m["timings"]["train_s_per_epoch"], 2),
+                     "rate": f"{args.train_videos} videos, batch 64"})
         print(rows[-1], flush=True)
     return rows
 

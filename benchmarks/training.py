@@ -41,8 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from models import CACEConfig, CACENet, cace_loss  # noqa: E402
 from models import cace as cace_module  # noqa: E402
-from pipeline.runtime import (autocast, configure_process, fast_bf16, heap_allocations,  # noqa: E402
-                              resolve_device)
+from pipeline.runtime import autocast, configure_process, fast_bf16, heap_allocations, resolve_device  # noqa: E402
 
 # variant -> (dtype, precision, fast dropout, fused projections, heap allocations, compile)
 VARIANTS = {

@@ -87,6 +87,11 @@ _FLAG = {"resnet50": "--resnet-weights", "cnn14": "--cnn14-weights"}
 _DEFAULTS = {"resnet50": default_resnet50_path, "cnn14": default_cnn14_path}
 
 
+def has_weight_rules(encoder: str) -> bool:
+    """Whether `locate_weights` knows where `encoder`'s weight file lives and how to check it."""
+    return encoder in _DEFAULTS
+
+
 def locate_weights(encoder: str, path: Path | None = None, *, random_init: bool = False, seed: int = 0,
                    hash_file: bool = True) -> WeightsInfo:
     """Find the weight file of `encoder` ("resnet50" or "cnn14") and hash it; random init only when asked."""

@@ -144,7 +144,8 @@ def dense_pipeline(config_path: str | None = None, overrides: list[str] | None =
     evaluated = dense_evaluate_task(trained["checkpoint"], data["annotations"], features, root, cfg.evaluate_split,
                                     "dense_evaluate" in forced)
     outcomes += [trained, evaluated]
-    create_table_artifact(results_table(outcomes), key="dense-pipeline-stages", description="stages: reused or computed")
+    create_table_artifact(results_table(outcomes), key="dense-pipeline-stages",
+                          description="stages: reused or computed")
     return {"annotations": data["annotations"], "features": features, "stages": outcomes,
             "split": evaluated["split"], "mAP": evaluated["mAP"], "average_mAP": evaluated["average_mAP"],
             "average_mAP_high": evaluated["average_mAP_high"], "checkpoint": trained["checkpoint"],

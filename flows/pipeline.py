@@ -1,7 +1,7 @@
-"""Prefect flows: one per stage, and the full pipeline
+"""The full pipeline as a Prefect flow:
 extract audio + visual -> fine-tune -> re-extract visual -> train -> evaluate.
 
-Flows take a config (a YAML path and/or a dict, plus `key=value` overrides) and pass paths between tasks.
+The flow takes a config (a YAML path and/or a dict, plus `key=value` overrides) and passes paths between tasks.
 A second run of the same config reuses every stage (the artifact store's keys decide); a changed fine-tuning
 config re-runs fine-tuning, visual re-extraction, training and evaluation, and reuses the audio features;
 `force` names stages to recompute together with everything downstream of them.
@@ -16,10 +16,10 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from flows.tasks import (evaluate_task, extract_task, finetune_task, prepare_dataset, results_table, train_task)
-from pipeline.config import dump_config
+from flows.tasks import evaluate_task, extract_task, finetune_task, prepare_dataset, results_table, train_task
 from pipeline.ave.finetune import retrieval_line
 from pipeline.ave.pipeline_config import forced_stages, resolve_config
+from pipeline.config import dump_config
 
 
 @flow(name="avel-pipeline", log_prints=True)
@@ -61,7 +61,8 @@ def full_pipeline(config_path: str | None = None, config: dict | None = None, ov
     create_table_artifact(results_table(outcomes), key="pipeline-stages", description="stages: reused or computed")
     metrics = [{"metric": "test accuracy (val-selected checkpoint)" if cfg.train.select_on == "val"
                 else "test accuracy (best-on-test, optimistic)", "value": round(evaluated["accuracy"], 2)},
-               {"metric": "best-on-test accuracy (reference protocol)", "value": round(trained["best_on_test_accuracy"], 2)},
+               {"metric": "best-on-test accuracy (reference protocol)",
+                "value": round(trained["best_on_test_accuracy"], 2)},
                {"metric": "all-background baseline", "value": round(evaluated["all_background_accuracy"], 2)},
                {"metric": "event F1", "value": round(evaluated["event_f1"], 2)}]
     create_table_artifact(metrics, key="pipeline-metrics", description=f"final metrics ({cfg.train.model} localizer)")
@@ -157,39 +158,3 @@ def stop_temporary_server() -> None:
     for server in servers:
         server.stop()
 
-
-# ---- one flow per stage (for running or scheduling a single stage from the UI or the CLI) --------------------
-@flow(name="avel-extract-audio")
-def extract_audio_flow(dataset: str, config_path: str | None = None, overrides: list[str] | None = None,
-                       force: bool = False) -> dict:
-    cfg = resolve_config(config_path, {"dataset": {"path": dataset}}, overrides)
-    return extract_task(dataset, dump_config(cfg)["extract"], str(cfg.root), "audio", "extract_audio", force)
-
-
-@flow(name="avel-extract-visual")
-def extract_visual_flow(dataset: str, config_path: str | None = None, overrides: list[str] | None = None,
-                        force: bool = False) -> dict:
-    cfg = resolve_config(config_path, {"dataset": {"path": dataset}}, overrides)
-    return extract_task(dataset, dump_config(cfg)["extract"], str(cfg.root), "visual", "extract_visual", force)
-
-
-@flow(name="avel-finetune")
-def finetune_flow(dataset: str, audio_h5: str, config_path: str | None = None, overrides: list[str] | None = None,
-                  force: bool = False) -> dict:
-    cfg = resolve_config(config_path, {"dataset": {"path": dataset}}, overrides)
-    c = dump_config(cfg)
-    return finetune_task(dataset, audio_h5, c["finetune"], str(cfg.root), c["extract"]["resnet_weights"],
-                         cfg.extract.random_init, force)
-
-
-@flow(name="avel-train")
-def train_flow(dataset: str, visual_h5: str, audio_h5: str, config_path: str | None = None,
-               overrides: list[str] | None = None, force: bool = False) -> dict:
-    cfg = resolve_config(config_path, {"dataset": {"path": dataset}}, overrides)
-    return train_task(dataset, visual_h5, audio_h5, dump_config(cfg)["train"], str(cfg.root), "train", force)
-
-
-@flow(name="avel-evaluate")
-def evaluate_flow(checkpoint: str, dataset: str, visual_h5: str, audio_h5: str, root: str = "artifacts",
-                  split: str = "test", force: bool = False) -> dict:
-    return evaluate_task(checkpoint, dataset, visual_h5, audio_h5, root, split, force)

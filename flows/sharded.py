@@ -2,8 +2,9 @@
 
 One Prefect task per shard (fixed shards of videos, one part each, a finished part is skipped), run on the cluster's
 workers; then one merge task writes the same artifact and manifest as a single-process run:
-- AVE (`pipeline.ave.shards`): part files -> `visual.h5` / `audio.h5`, as `avel extract`;
-- dense (`pipeline.dense.shards`): part folders of .npy files -> the `dense_extract` folder, as `avel dense extract`.
+- AVE (`pipeline.ave.extract.extract_shard`): part folders -> `visual.h5` / `audio.h5`, as `avel extract`;
+- dense (`pipeline.dense.extract.extract_shard`): part folders -> the `dense_extract` folder, as `avel dense extract`.
+Parts, their validation and the merge are `pipeline.extraction.shards`, the same for both tasks.
 `cluster`:
 - `local:N`: a temporary local cluster of N worker processes, one task at a time each. With GPUs, one worker per
   GPU (N of them at most), each pinned to its GPU by CUDA_VISIBLE_DEVICES and offering the resource GPU=1;
@@ -32,8 +33,7 @@ from pipeline.errors import UserError
 @task(name="extract-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def extract_shard_task(dataset: str, extract_cfg: dict, root: str, modalities: list[str], index: int,
                        videos: list[str]) -> dict:
-    from pipeline.ave.extract import ExtractConfig
-    from pipeline.ave.shards import extract_shard
+    from pipeline.ave.extract import ExtractConfig, extract_shard
 
     cfg = ExtractConfig.model_validate(extract_cfg)
     parts = extract_shard(Path(dataset), cfg, modalities, index, videos, Path(root))
@@ -43,12 +43,12 @@ def extract_shard_task(dataset: str, extract_cfg: dict, root: str, modalities: l
 
 @task(name="merge-shards", cache_policy=NO_CACHE)
 def merge_task(dataset: str, extract_cfg: dict, root: str, modality: str, parts: list[str], force: bool) -> dict:
-    from pipeline.ave.extract import ExtractConfig, extract
-    from pipeline.ave.shards import part_threads, remove_parts
+    from pipeline.ave.extract import STAGES, ExtractConfig, extract
+    from pipeline.extraction.shards import read_part, remove_parts
     from pipeline.progress import reporter
 
     cfg = ExtractConfig.model_validate(extract_cfg)
-    threads = part_threads([Path(p) for p in parts])
+    threads = {read_part(Path(p))["threads"] for p in parts}
     if len(threads) == 1:  # the final file records the thread count its rows were computed with
         cfg = cfg.model_copy(update={"threads": threads.pop()})
     label = f"merge {modality}"
@@ -59,7 +59,7 @@ def merge_task(dataset: str, extract_cfg: dict, root: str, modality: str, parts:
                 progress=lambda d, n, vid: reporter().update(label, d, n, "videos"))[modality]
     reporter().finish(label, r.reused, time.perf_counter() - t0)
     if r.manifest.status == "complete":
-        remove_parts(Path(root), modality, r.key)
+        remove_parts(Path(root), STAGES[modality], r.key)
     return {"modality": modality, "path": str(r.path), "key": r.key, "reused": r.reused,
             "failed_rows": len(r.failed_rows), "random_init": r.random_init}
 
@@ -67,8 +67,8 @@ def merge_task(dataset: str, extract_cfg: dict, root: str, modality: str, parts:
 @flow(name="avel-sharded-extract", log_prints=True)
 def sharded_extract_flow(dataset: str, extract_cfg: dict, root: str, shard_videos: int = 32, force: bool = False,
                          gpu_tasks: bool = False) -> dict:
-    from pipeline.ave.extract import ExtractConfig
-    from pipeline.ave.shards import plan_shards, planned_key, remove_parts
+    from pipeline.ave.extract import STAGES, ExtractConfig, plan_shards, planned_key
+    from pipeline.extraction.shards import remove_parts
     from pipeline.store import ArtifactStore
 
     cfg = ExtractConfig.model_validate(extract_cfg)
@@ -77,11 +77,11 @@ def sharded_extract_flow(dataset: str, extract_cfg: dict, root: str, shard_video
     out, todo = {}, []
     for m in cfg.modalities():
         key = planned_key(Path(dataset), cfg, m)
-        if not force and store.is_complete(f"extract_{m}", key):
+        if not force and store.is_complete(STAGES[m], key):
             out[m] = merge_task(dataset, extract_cfg, root, m, [], False)  # reused: opens nothing new
             continue
         if force:
-            remove_parts(Path(root), m, key)
+            remove_parts(Path(root), STAGES[m], key)
         todo.append(m)
     if not todo:
         return out
@@ -117,8 +117,7 @@ def run_shards(label: str, shard_task, shard_args: list[tuple], gpu_tasks: bool)
 # ---- dense ------------------------------------------------------------------------------------------------------
 @task(name="dense-extract-shard", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def dense_shard_task(annotations: str, extract_cfg: dict, root: str, index: int, videos: list[str]) -> dict:
-    from pipeline.dense.extract import DenseExtractConfig
-    from pipeline.dense.shards import extract_shard
+    from pipeline.dense.extract import DenseExtractConfig, extract_shard
 
     cfg = DenseExtractConfig.model_validate(extract_cfg)
     return {"index": index, "pid": os.getpid(), **extract_shard(Path(annotations), cfg, index, videos, Path(root))}
@@ -126,8 +125,8 @@ def dense_shard_task(annotations: str, extract_cfg: dict, root: str, index: int,
 
 @task(name="dense-merge-shards", cache_policy=NO_CACHE)
 def dense_merge_task(annotations: str, extract_cfg: dict, root: str, parts: list[str], force: bool) -> dict:
-    from pipeline.dense.extract import DenseExtractConfig, dense_extract
-    from pipeline.dense.shards import remove_parts
+    from pipeline.dense.extract import STAGE, DenseExtractConfig, dense_extract
+    from pipeline.extraction.shards import remove_parts
     from pipeline.progress import reporter
 
     cfg = DenseExtractConfig.model_validate(extract_cfg)
@@ -138,7 +137,7 @@ def dense_merge_task(annotations: str, extract_cfg: dict, root: str, parts: list
                       progress=lambda d, n, vid: reporter().update(label, d, n, "videos"))
     reporter().finish(label, r.reused, time.perf_counter() - t0)
     if not r.reused:
-        remove_parts(Path(root), r.dir.name)
+        remove_parts(Path(root), STAGE, r.dir.name)
     return {"dir": str(r.dir), "features": str(r.features), "key": r.dir.name, "reused": r.reused,
             "failed": len(r.failed)}
 
@@ -146,8 +145,8 @@ def dense_merge_task(annotations: str, extract_cfg: dict, root: str, parts: list
 @flow(name="avel-sharded-dense-extract", log_prints=True)
 def sharded_dense_extract_flow(annotations: str, extract_cfg: dict, root: str, force: bool = False,
                                gpu_tasks: bool = False) -> dict:
-    from pipeline.dense.extract import STAGE, DenseExtractConfig
-    from pipeline.dense.shards import plan_shards, remove_parts
+    from pipeline.dense.extract import STAGE, DenseExtractConfig, plan_shards
+    from pipeline.extraction.shards import remove_parts
     from pipeline.store import ArtifactStore
 
     cfg = DenseExtractConfig.model_validate(extract_cfg)
@@ -155,7 +154,7 @@ def sharded_dense_extract_flow(annotations: str, extract_cfg: dict, root: str, f
     if not force and ArtifactStore(Path(root)).is_complete(STAGE, key):
         return dense_merge_task(annotations, extract_cfg, root, [], False)  # reused: computes nothing
     if force:
-        remove_parts(Path(root), key)
+        remove_parts(Path(root), STAGE, key)
     done = run_shards("dense extract shards", dense_shard_task,
                       [(annotations, extract_cfg, root, i, vids) for i, vids in enumerate(shards)], gpu_tasks)
     return {**dense_merge_task(annotations, extract_cfg, root, [d["path"] for d in done], force), "shards": done}

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from pipeline import ave
@@ -176,7 +180,8 @@ def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, roo
     m = result.metrics
     return publish("train", label, result.dir, result.reused, time.perf_counter() - t0,
                    {"checkpoint": str(result.dir / "best.pt"), "model": cfg.model, "test_accuracy": m["test_accuracy"],
-                    "test_accuracy_label": m["test_accuracy_label"], "best_on_test_accuracy": m["best_on_test_accuracy"],
+                    "test_accuracy_label": m["test_accuracy_label"],
+                    "best_on_test_accuracy": m["best_on_test_accuracy"],
                     "all_background_accuracy": m["all_background_accuracy"], "best_epoch": m["best_epoch"]})
 
 

@@ -15,14 +15,6 @@ from .cace import (
     predict,
     resolve_guide,
 )
-from .registry import (  # noqa: F401  (the localizer interface)
-    LocalizerFamily,
-    SegmentPrediction,
-    create_localizer,
-    family_of,
-    get_family,
-    list_localizers,
-)
 from .finetune import RESNET_STAGES, AudioVisualContrastive, ProjectionHead  # noqa: F401  (fine-tuning)
 from .losses import (
     SegmentTargets,
@@ -30,6 +22,14 @@ from .losses import (
     derive_targets,
     info_nce_loss,
     supervised_contrastive_loss,
+)
+from .registry import (  # noqa: F401  (the localizer interface)
+    LocalizerFamily,
+    SegmentPrediction,
+    create_localizer,
+    family_of,
+    get_family,
+    list_localizers,
 )
 
 __all__ = [

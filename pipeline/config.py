@@ -7,7 +7,7 @@ default). Stage configs live beside their stage; this module holds the shared ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,6 +19,32 @@ M = TypeVar("M", bound=BaseModel)
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class StageConfig(StrictModel):
+    """Base of a stage's settings: which of them enter the stage key, and the precision that runs.
+
+    The key holds every field except those in `key_exclude` (how a stage runs, not what it computes: the device,
+    worker counts...), drops the knobs of `key_when_set` while they are off (so keys from before a knob existed
+    stay valid), and holds the precision that runs (`auto` resolved on the device), never `auto` itself. A subclass
+    declares `device` and `precision` fields; one whose key is not "all fields but some" overrides `key_fields`.
+    """
+
+    key_exclude: ClassVar[tuple[str, ...]] = ("device",)
+    key_when_set: ClassVar[tuple[str, ...]] = ()
+
+    def resolved_precision(self) -> str:
+        """"fp32" or "bf16": what `precision` means on the device this config names."""
+        from pipeline.runtime import resolve_device, resolve_precision
+
+        return resolve_precision(getattr(self, "precision"), resolve_device(getattr(self, "device")))
+
+    def key_fields(self) -> dict:
+        fields = {k: v for k, v in dump_config(self).items() if k not in self.key_exclude}
+        for knob in self.key_when_set:
+            if not fields.get(knob):
+                fields.pop(knob, None)
+        return {**fields, "precision": self.resolved_precision()}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -23,6 +23,9 @@ Decoders: for frames decord first (fast random access); if it cannot open the fi
 PyAV (FFmpeg, sequential decode, which also tells how many frames are really decodable) gets one try. For audio
 the order is reversed (decord's AudioReader leaks its buffer; see `_decode_audio`). Only when both fail is the
 video a failure (`MediaError`, recorded by the caller; other videos go on).
+
+`expand_videos(paths)` turns the files and folders a person names (`avel predict`, `avel dense predict`) into the
+list of video files to read.
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ EXACT_TOLERANCE_S = 0.05  # a video within this of the window end counts as exac
 TIME_EPS = 1e-4  # seconds; absorbs float rounding when a sample time falls exactly on a frame's start
 DECODERS = ("decord", "pyav")  # video: decord first (fast random access to the grid frames)
 AUDIO_DECODERS = ("pyav", "decord")  # audio: PyAV first (see _decode_audio)
+# What a folder's video files are called (a file named explicitly is taken whatever its suffix)
+VIDEO_SUFFIXES = (".3gp", ".avi", ".flv", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".webm", ".wmv")
 
 
 class MediaError(RuntimeError):
@@ -411,3 +419,33 @@ def probe(path: Path) -> VideoInfo:
     if info.decoder is None:
         raise MediaError("no decoder could open the video: " + "; ".join(errors))
     return info
+
+
+# ---- which files are videos -------------------------------------------------------------------------------------
+def expand_videos(videos: Iterable[str | Path]) -> list[Path]:
+    """The paths given (`~` expanded), in order, with a folder replaced by the video files in it (sorted).
+
+    Everything about the paths themselves is a UserError here, before any video is decoded, so that a typo fails at
+    once instead of after the videos before it: a path that does not exist, a folder without video files, no paths
+    at all. Whether a file is a readable video is left to the decoders (a per-video failure the caller reports)."""
+    out = []
+    for v in videos:
+        out.extend(_videos_at(Path(v).expanduser()))
+    if not out:
+        raise UserError("no videos given")
+    return out
+
+
+def _videos_at(path: Path) -> list[Path]:
+    """[path] for a file; for a folder, its regular files with a video suffix (not a subfolder, whatever its name;
+    not the files in subfolders, which may hold outputs rather than inputs)."""
+    if path.is_dir():
+        found = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
+        if not found:
+            raise UserError(f"{path}: folder holds no video files ({', '.join(VIDEO_SUFFIXES)})")
+        return found
+    if not path.exists():
+        raise UserError(f"{path}: no such video file or folder")
+    if not path.is_file():  # a FIFO or device: decoding it could block or never end
+        raise UserError(f"{path}: not a regular file or a folder; give a video file or a folder of videos")
+    return [path]

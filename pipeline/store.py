@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -128,12 +129,8 @@ class StageRun:
         self.manifest = manifest
         self.dir = store.path(manifest.stage, manifest.key)
         self.lock = lock or store.lock(manifest.stage, manifest.key)
+        self.reused = False  # set by `ArtifactStore.stage`: a complete artifact handed back as it is
         self._t0 = time.perf_counter()
-
-    def __del__(self) -> None:  # a run object dropped without complete/fail (a bug, or an error path): unlock
-        lock = getattr(self, "lock", None)
-        if lock is not None:
-            lock.release()
 
     def save(self) -> None:
         write_json_atomic(self.dir / MANIFEST, self.manifest.model_dump())
@@ -150,6 +147,12 @@ class StageRun:
     @property
     def is_complete(self) -> bool:
         return self.manifest.status == "complete"
+
+    @property
+    def outputs_present(self) -> bool:
+        """Every output the manifest records is still there (a complete artifact whose files were removed is not
+        reused)."""
+        return all((self.dir / o.path).is_file() for o in self.manifest.outputs.values())
 
     def restart(self) -> None:
         """Forget a previous result (`--force`): a fresh running manifest; the stage overwrites its files. Takes
@@ -237,6 +240,48 @@ class ArtifactStore:
             raise
         return run
 
+    @contextlib.contextmanager
+    def stage(self, stage: str, version: str, config: dict, inputs: dict[str, str], *,
+              force: bool = False) -> Iterator[StageRun]:
+        """The one way a stage runs in the store: open, reuse, restart on `force`, fail, complete.
+
+            with store.stage(STAGE, VERSION, cfg.key_fields(), inputs, force=force) as run:
+                if run.reused:
+                    return result_of(run)
+                ...write files into run.dir, run.add_output(...), run.manifest.metrics = ...
+
+        - A complete artifact whose recorded outputs are all there is handed back with `run.reused` True, no lock
+          held, and left untouched by the block's end.
+        - `force`, or a complete artifact with outputs missing: the folder is emptied under the artifact's lock
+          and the stage starts from nothing (a fresh manifest).
+        - Otherwise the folder is opened (or re-opened, so the stage can resume from its per-item records) with
+          the lock held.
+        - The block ends normally: a run still `running` is completed (its outputs must exist); one the block
+          marked failed (`run.fail`) stays failed. The block raises: the run is marked failed with the reason.
+          Either way the lock is released when the block ends.
+        """
+        run = self.open(stage, version, config, inputs)
+        try:
+            if run.is_complete and not force and run.outputs_present:
+                run.reused = True
+                yield run
+                return
+            if run.is_complete or force:
+                run.restart()
+                _empty_folder(run.dir)
+                run.save()
+            try:
+                yield run
+            except BaseException as e:
+                if run.manifest.status == "running":
+                    run.fail(f"interrupted: {type(e).__name__}: {e}" if str(e) else f"interrupted: "
+                                                                                    f"{type(e).__name__}")
+                raise
+            if run.manifest.status == "running":
+                run.complete()
+        finally:
+            run.lock.release()
+
     def list(self, stage: str | None = None) -> list[Manifest]:
         """Every readable manifest under the root (or of one stage), newest first."""
         if not self.root.is_dir():
@@ -262,6 +307,17 @@ class ArtifactStore:
             raise UserError(f"no artifact matches {ref!r} under {self.root}; `avel inspect --root {self.root}` "
                             f"lists them")
         raise UserError(f"{ref!r} matches {len(matches)} artifacts; give more of the key")
+
+
+def _empty_folder(folder: Path) -> None:
+    """Remove everything in a stage folder but its manifest (a forced or invalid artifact starts from nothing)."""
+    for child in Path(folder).iterdir():
+        if child.name == MANIFEST:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -4,11 +4,18 @@ import pytest
 import torch
 
 from models import create_localizer, get_family, list_localizers
-from models.aveclip import (AVECLIP, AVECLIPConfig, PostProcessConfig, aveclip_loss, postprocess,
-                            select_postprocess, window_layout)
-from pipeline.errors import UserError
+from models.aveclip import (
+    AVECLIP,
+    AVECLIPConfig,
+    PostProcessConfig,
+    aveclip_loss,
+    postprocess,
+    select_postprocess,
+    window_layout,
+)
 from pipeline.ave.features import from_public_folder
 from pipeline.ave.train import TrainConfig, evaluate, load_model, train_model
+from pipeline.errors import UserError
 from tests.features_fixture import write_feature_folder
 
 TINY = {"d_model": 16, "num_heads": 2, "feature_heads": 2, "ff_mult": 2}

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from models import (
+    GUIDE_MODES,
     CACEConfig,
     CACEOutput,
-    GUIDE_MODES,
     cace_loss,
     count_parameters,
     create_model,

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from pipeline.ave import compare as cmp
-from pipeline.errors import UserError
 from pipeline.ave.features import from_public_folder
 from pipeline.ave.train import TrainConfig
+from pipeline.errors import UserError
 from tests.features_fixture import TINY_MODEL, write_feature_folder
 
 TINY_AVECLIP = {"d_model": 16, "num_heads": 2, "feature_heads": 2, "ff_mult": 2}

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline.dense.annotations import has_overlap_of_classes, load_annotations
-from pipeline.dense.features import UNAV_GRID, check_folder, feature_paths, load_video_features
+from pipeline.dense.features import check_folder, feature_paths, load_video_features
 from pipeline.dense.synthetic import FeatureSynthConfig, generate_feature_dataset
 from pipeline.errors import UserError
+from pipeline.extraction.grids import UNAV_GRID
 
 SMALL = FeatureSynthConfig(train=12, val=4, test=4, seed=3)
 
@@ -44,7 +45,8 @@ def test_schema_round_trip_and_what_the_generator_promises(synth):
             same.setdefault(e.label_id, []).append((e.start, e.end))
     assert any(has_overlap_of_classes(v.events) for v in ds.videos.values())
     raw = json.loads(path.read_text())
-    assert set(raw) == {"database"} and {"subset", "duration", "annotations"} <= set(next(iter(raw["database"].values())))
+    first = next(iter(raw["database"].values()))
+    assert set(raw) == {"database"} and {"subset", "duration", "annotations"} <= set(first)
 
 
 def test_features_load_as_the_unav_loader_does(synth):

@@ -7,9 +7,11 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.dense.extract import GRIDS, DenseExtractConfig, dense_extract, window_frame_times
+from pipeline.dense.extract import DenseExtractConfig, dense_extract
 from pipeline.dense.features import load_video_features
 from pipeline.dense.videos import VideoSynthConfig, generate_video_dataset
+from pipeline.extraction.grids import TIME_GRIDS as GRIDS
+from pipeline.extraction.grids import window_frame_times
 
 CFG = DenseExtractConfig(random_init=True, frames_per_window=1, crop_size=32, device="cpu", precision="fp32")
 

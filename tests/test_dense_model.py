@@ -11,7 +11,7 @@ from models.dense.blocks import TransformerBlock
 from models.dense.loco import LocalAdaptiveBlock, LocalCorrespondence
 from models.dense.targets import assign, detector_loss, diou_loss, make_points
 from models.dense.unav import DenseDetector, DenseModelConfig, cpu_config
-from pipeline.dense.features import UNAV_GRID
+from pipeline.extraction.grids import UNAV_GRID
 
 
 def test_label_assignment_matches_the_spec_example():

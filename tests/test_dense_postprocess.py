@@ -7,9 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.dense.features import TimeGrid
-from pipeline.dense.postprocess import (Level, PostprocessConfig, candidates, postprocess_video, soft_nms,
-                                        to_seconds)
+from pipeline.dense.postprocess import Level, PostprocessConfig, candidates, postprocess_video, soft_nms, to_seconds
+from pipeline.extraction.grids import TimeGrid
 
 CFG = PostprocessConfig()
 

@@ -5,7 +5,6 @@ feature folder in UnAV-100's released layout, and the Prefect flow from raw untr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from extractors import create_extractor, list_extractors, register_extractor
 from extractors.base import Extractor
 from extractors.weights import WeightsInfo
-from pipeline.ave import extract as ex
 from pipeline import media
+from pipeline.ave import extract as ex
 from pipeline.ave import load_dataset
-from pipeline.runtime import pinned_threads
-from pipeline.errors import UserError
-from pipeline.store import file_sha256
 from pipeline.ave.synth import SynthConfig, generate_dataset, write_video
+from pipeline.errors import UserError
+from pipeline.extraction import engine
+from pipeline.runtime import pinned_threads
+from pipeline.store import file_sha256
 
 TESTS = Path(__file__).resolve().parent
 
@@ -184,7 +185,7 @@ def test_finished_stage_is_reused(real_run, small_ds):
     assert time.perf_counter() - t < 5
     for m in ("visual", "audio"):
         assert again[m].reused and again[m].key == results[m].key and again[m].path == results[m].path
-    assert ex.planned_keys(small_ds, cfg) == {m: r.key for m, r in results.items()}
+    assert {m: ex.planned_key(small_ds, cfg, m) for m in results} == {m: r.key for m, r in results.items()}
 
 
 def test_stage_rows_equal_one_video_alone(real_run, small_ds):
@@ -230,10 +231,10 @@ def test_resume_after_interruption_gives_the_same_file(many_ds, tmp_path, monkey
     """Uninterrupted with 2 decoding workers; interrupted after `stop_at` video writes with `workers`, then
     resumed with yet another worker count: byte-identical files."""
     cfg = ex.ExtractConfig(**TINY)
-    monkeypatch.setattr(ex, "WORKER_VIDEOS", 2)  # decoding processes replaced every 2 videos
+    monkeypatch.setattr(engine, "WORKER_VIDEOS", 2)  # decoding processes replaced every 2 videos
     whole = ex.extract(many_ds, cfg.model_copy(update={"workers": 2}), tmp_path / "a")
 
-    real_write, calls = ex._Sink.write, {"n": 0}
+    real_write, calls = ex.RowWriter.write, {"n": 0}
 
     def failing_write(self, *args, **kwargs):
         calls["n"] += 1
@@ -241,10 +242,10 @@ def test_resume_after_interruption_gives_the_same_file(many_ds, tmp_path, monkey
             raise KeyboardInterrupt
         return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(ex._Sink, "write", failing_write)
+    monkeypatch.setattr(ex.RowWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         ex.extract(many_ds, cfg.model_copy(update={"workers": workers}), tmp_path / "b")
-    monkeypatch.setattr(ex._Sink, "write", real_write)
+    monkeypatch.setattr(ex.RowWriter, "write", real_write)
     for m in ("visual", "audio"):
         d = tmp_path / "b" / ex.STAGES[m] / whole[m].key
         assert not (d / ex.OUTPUT_FILES[m]).exists() and (d / f".{m}.h5.partial").exists()
@@ -264,7 +265,7 @@ def test_resume_after_interruption_gives_the_same_file(many_ds, tmp_path, monkey
 
 def test_resume_takes_the_thread_count_the_partial_file_recorded(many_ds, tmp_path, monkeypatch):
     cfg = ex.ExtractConfig(**{**TINY, "modality": "visual"}, threads=1)
-    real_write, calls = ex._Sink.write, {"n": 0}
+    real_write, calls = ex.RowWriter.write, {"n": 0}
 
     def failing_write(self, *args, **kwargs):
         calls["n"] += 1
@@ -272,10 +273,10 @@ def test_resume_takes_the_thread_count_the_partial_file_recorded(many_ds, tmp_pa
             raise KeyboardInterrupt
         return real_write(self, *args, **kwargs)
 
-    monkeypatch.setattr(ex._Sink, "write", failing_write)
+    monkeypatch.setattr(ex.RowWriter, "write", failing_write)
     with pytest.raises(KeyboardInterrupt):
         ex.extract(many_ds, cfg, tmp_path)
-    monkeypatch.setattr(ex._Sink, "write", real_write)
+    monkeypatch.setattr(ex.RowWriter, "write", real_write)
     seen = []
     real_encode = TinyVisual.encode
     monkeypatch.setattr(TinyVisual, "encode", lambda self, u: seen.append(torch.get_num_threads()) or
@@ -419,13 +420,13 @@ def test_resnet_weight_formats_load_and_key_the_stage(small_ds, tmp_path):
         assert torch.equal(enc.model.layer4[2].conv3.weight, expected), fmt
         assert torch.equal(enc.model.bn1.running_var, src.bn1.running_var), fmt
         assert enc.weights.sha256 == file_sha256(path) and not enc.weights.random_init
-    keys = {fmt: ex.planned_keys(small_ds, ex.ExtractConfig(modality="visual", resnet_weights=p))["visual"]
+    keys = {fmt: ex.planned_key(small_ds, ex.ExtractConfig(modality="visual", resnet_weights=p), "visual")
             for fmt, p in files.items()}
     assert len(set(keys.values())) == 3  # the file's sha256 is in the key
-    random_key = ex.planned_keys(small_ds, ex.ExtractConfig(modality="visual", random_init=True))["visual"]
+    random_key = ex.planned_key(small_ds, ex.ExtractConfig(modality="visual", random_init=True), "visual")
     assert random_key not in keys.values()
-    fp = ex.planned_keys(small_ds, ex.ExtractConfig(modality="visual", resnet_weights=files["ours"],
-                                                    threads=1, workers=7))["visual"]
+    fp = ex.planned_key(small_ds, ex.ExtractConfig(modality="visual", resnet_weights=files["ours"],
+                                                    threads=1, workers=7), "visual")
     assert fp == keys["ours"]  # threads and workers are not in the key
 
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from pipeline import locks
-from pipeline.store import ArtifactStore
 from pipeline.ave.synth import SynthConfig, generate_dataset
+from pipeline.store import ArtifactStore
 from tests.features_fixture import TINY_MODEL, write_feature_folder
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
@@ -342,9 +342,9 @@ def test_write_failures_name_the_folder_and_keep_the_artifact_incomplete(tmp_pat
     import errno
 
     from pipeline.ave import train as train_mod
-    from pipeline.cli import write_error
     from pipeline.ave.features import from_public_folder
     from pipeline.ave.train import TrainConfig, train_stage
+    from pipeline.cli import write_error
 
     fs = from_public_folder(write_feature_folder(tmp_path / "feats"))
     root = tmp_path / "store"

@@ -1,4 +1,5 @@
-"""Targeted fine-tuning (pipeline/ave/finetune.py, models/finetune.py) on generated videos, random-initialised ResNet-50.
+"""Targeted fine-tuning (pipeline/ave/finetune.py, models/finetune.py) on generated videos, random-initialised
+ResNet-50.
 
 Small on purpose (crop 64, 2 frames per video, layer4 trainable, batch 4): a stage epoch takes a few seconds on
 2 CPU cores. The audio features are written directly (random [N,10,D] + valid): the audio encoder is frozen and
@@ -8,8 +9,8 @@ never re-run by this stage, so its numbers only need to be fixed per video.
 from __future__ import annotations
 
 import csv
-import re
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,12 +24,23 @@ from extractors.weights import load_resnet50_weights, seeded
 from models.finetune import AudioVisualContrastive, resolve_stages
 from models.losses import info_nce_loss
 from pipeline import ave
-from pipeline.errors import UserError
-from pipeline.ave.finetune import (FinetuneConfig, Normalizer, VideoPairs, collate, eligible_videos, epoch_batches,
-                               finetune_stage, heldout_count, ids_in_test_split, pair_loss, prepare_data,
-                               recall_at)
-from pipeline.store import file_sha256, read_manifest
+from pipeline.ave.finetune import (
+    FinetuneConfig,
+    Normalizer,
+    VideoPairs,
+    collate,
+    eligible_videos,
+    epoch_batches,
+    finetune_stage,
+    heldout_count,
+    ids_in_test_split,
+    pair_loss,
+    prepare_data,
+    recall_at,
+)
 from pipeline.ave.synth import SynthConfig, generate_dataset
+from pipeline.errors import UserError
+from pipeline.store import file_sha256, read_manifest
 
 AUDIO_DIM = 64  # not Cnn14's 2048: the dims come from the feature file
 CFG = FinetuneConfig(epochs=3, batch_size=4, lr=0.05, milestones=[1, 2], crop_size=64, frames_per_video=2,
@@ -278,13 +290,14 @@ def test_resume_continues_the_schedule(dataset, audio_h5, finished, tmp_path):
 
 @pytest.mark.slow
 def test_reextraction_uses_the_new_weights_and_reuses_audio(dataset, finished):
-    from pipeline.ave.extract import ExtractConfig, extract
-    from pipeline.ave.finetune import reextract_visual
+    from pipeline.ave.extract import ExtractConfig, extract, extract_visual
 
     result, root = finished
     cfg = ExtractConfig(random_init=True, frames_per_segment=1, workers=0, seed=CFG.seed)
     first = extract(dataset, cfg, root)
-    again = reextract_visual(dataset, result, root, cfg.model_copy(update={"random_init": False}))
+    # the fine-tuned weights as the visual extraction's encoder (what the pipeline flow does after fine-tuning)
+    again = extract_visual(dataset, cfg.model_copy(update={"resnet_weights": result.weights, "random_init": False}),
+                           root)
     assert again.key != first["visual"].key and not again.reused
     audio = extract(dataset, cfg.model_copy(update={"modality": "audio"}), root)["audio"]
     assert audio.reused and audio.key == first["audio"].key

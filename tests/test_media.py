@@ -61,7 +61,7 @@ def test_grid_matches_the_reference_sampler_for_10s_videos():
     for fps in (24, 25, 30):
         n = 10 * fps
         fi = n // 10
-        ref = np.array([int(l * fi + (i / 16) * fi) for l in range(10) for i in range(16)])
+        ref = np.array([int(s * fi + (i / 16) * fi) for s in range(10) for i in range(16)])
         ours = media.frame_indices(np.arange(n) / fps, media.sample_times(0, 10, 16))
         assert np.array_equal(ours, ref), fps
 

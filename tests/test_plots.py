@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.ave import plots
 from pipeline.ave.metrics import localization_metrics
-from pipeline.ave.synth import AVE_CATEGORIES
+from pipeline.synth_engine import AVE_CATEGORIES
 from tests.features_fixture import CLASSES, TINY_MODEL, write_feature_folder
 
 

@@ -8,10 +8,10 @@ from extractors.resnet50 import ResNet50Extractor
 from models.cace import Dropout, _shared_input_linear
 from pipeline import runtime
 from pipeline.ave import extract
-from pipeline.errors import UserError
 from pipeline.ave.extract import ExtractConfig
 from pipeline.ave.finetune import FinetuneConfig
 from pipeline.ave.train import TrainConfig
+from pipeline.errors import UserError
 
 CPU = torch.device("cpu")
 AMD_EPYC_FLAGS = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"

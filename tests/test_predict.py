@@ -19,10 +19,10 @@ import torch
 
 from models import CACEConfig, CACENet
 from pipeline.ave import predict as pr
-from pipeline.errors import UserError
-from pipeline.store import file_sha256, write_json_atomic
 from pipeline.ave.synth import write_video
 from pipeline.ave.train import save_checkpoint
+from pipeline.errors import UserError
+from pipeline.store import file_sha256, write_json_atomic
 from tests.features_fixture import CLASSES, TINY_MODEL
 
 RANDOM_ATTRS = {
@@ -246,8 +246,8 @@ def test_cli_prints_per_second_table_and_fails_only_when_every_video_failed(vide
 def test_end_to_end_from_a_trained_run_with_ground_truth(tmp_path):
     """Generate -> extract (random init, seed 5) -> train -> predict with `train/<key>`: the encoders are rebuilt
     from the records (seed found in the store), features equal the extracted ones, ground truth is shown."""
-    from pipeline.ave import extract as ex
     from pipeline import media
+    from pipeline.ave import extract as ex
     from pipeline.ave import load_dataset
     from pipeline.ave.features import from_dataset
     from pipeline.ave.synth import SynthConfig, generate_dataset

@@ -8,13 +8,11 @@ import os
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 
 pytest.importorskip("prefect_dask")
 
-from pipeline.ave.extract import ExtractConfig, extract  # noqa: E402
-from pipeline.ave.shards import extract_shard, plan_shards, planned_key  # noqa: E402
+from pipeline.ave.extract import ExtractConfig, extract, extract_shard, plan_shards, planned_key  # noqa: E402
 from pipeline.ave.synth import SynthConfig, generate_dataset  # noqa: E402
 
 CFG = {"random_init": True, "frames_per_segment": 1, "crop_size": 32, "workers": 0, "threads": 1, "device": "cpu",
@@ -110,8 +108,7 @@ def dense_dataset(tmp_path_factory) -> Path:
 
 
 def test_dense_part_is_reused_and_a_cut_off_merge_resumes(dense_dataset, tmp_path):
-    from pipeline.dense.extract import DenseExtractConfig, dense_extract
-    from pipeline.dense.shards import extract_shard, plan_shards
+    from pipeline.dense.extract import DenseExtractConfig, dense_extract, extract_shard, plan_shards
 
     cfg = DenseExtractConfig(**DENSE_CFG)
     key, shards = plan_shards(dense_dataset, cfg)

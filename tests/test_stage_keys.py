@@ -33,9 +33,9 @@ def _keys(root: Path) -> dict[str, str]:
 
 
 def compute_keys(work: Path) -> dict[str, dict[str, str]]:
+    from features_fixture import write_feature_folder
     from typer.testing import CliRunner
 
-    from features_fixture import write_feature_folder
     from pipeline.ave.synth import SynthConfig, generate_dataset
     from pipeline.cli import app
     from pipeline.dense.videos import VideoSynthConfig, generate_video_dataset

@@ -1,6 +1,7 @@
 """The artifact store: stage keys, manifests, atomic writes; and the config loader."""
 
 import json
+import threading
 
 import pytest
 
@@ -86,3 +87,89 @@ def test_reopening_a_complete_stage_reuses_it_and_restart_forgets_it(tmp_path):
     assert again.is_complete and store.is_complete("train", run.manifest.key)
     again.restart()
     assert not store.is_complete("train", run.manifest.key)
+
+
+def _lock_is_free(store: ArtifactStore, stage: str, key: str) -> bool:
+    """Whether another thread could take the artifact's lock at once (the lock is per thread)."""
+    from pipeline import locks
+
+    got = {}
+
+    def take():
+        lock = store.lock(stage, key)
+        try:
+            lock.acquire()
+        except locks.ArtifactBusy:
+            got["free"] = False
+            return
+        got["free"] = True
+        lock.release()
+
+    wait, locks.policy.wait = locks.policy.wait, False
+    try:
+        t = threading.Thread(target=take)
+        t.start()
+        t.join(10)
+    finally:
+        locks.policy.wait = wait
+    return got["free"]
+
+
+def test_stage_context_reuses_forces_fails_and_recomputes_missing_outputs(tmp_path):
+    store = ArtifactStore(tmp_path)
+    args = ("train", "1", {"epochs": 2}, {"features": "f"})
+
+    def compute(run, text: str) -> None:
+        (run.dir / "model.pt").write_text(text)
+        run.add_output("model", "model.pt")
+        run.manifest.metrics = {"text": text}
+
+    with store.stage(*args) as run:  # first run: computed, completed at the end of the block
+        assert not run.reused and run.manifest.status == "running"
+        assert not _lock_is_free(store, "train", run.manifest.key)  # held while the stage computes
+        compute(run, "first")
+    key = run.manifest.key
+    assert store.is_complete("train", key) and store.manifest("train", key).metrics == {"text": "first"}
+    assert _lock_is_free(store, "train", key)
+
+    with store.stage(*args) as run:  # same key: reused, untouched, no lock held
+        assert run.reused and run.is_complete and not run.lock.held
+    assert (run.dir / "model.pt").read_text() == "first" and _lock_is_free(store, "train", key)
+
+    (run.dir / "stale.tmp").write_text("left over")
+    (run.dir / "sub").mkdir()
+    (run.dir / "sub" / "part.h5").write_text("x")
+    with store.stage(*args, force=True) as run:  # force: the folder emptied, a fresh manifest
+        assert not run.reused and run.manifest.status == "running" and not run.manifest.outputs
+        assert sorted(p.name for p in run.dir.iterdir()) == ["manifest.json"]
+        compute(run, "forced")
+    assert store.manifest("train", key).metrics == {"text": "forced"} and _lock_is_free(store, "train", key)
+
+    (run.dir / "model.pt").unlink()  # complete, but an output is gone: recomputed, not reused
+    (run.dir / "stale.tmp").write_text("left over")
+    with store.stage(*args) as run:
+        assert not run.reused and sorted(p.name for p in run.dir.iterdir()) == ["manifest.json"]
+        compute(run, "again")
+    assert store.manifest("train", key).metrics == {"text": "again"}
+
+    class Boom(Exception):
+        pass
+
+    other = ("train", "1", {"epochs": 3}, {"features": "f"})
+    with pytest.raises(Boom):  # an exception: marked failed with the reason, lock released, error raised
+        with store.stage(*other) as run:
+            run.manifest.items["v1"] = {"status": "ok"}
+            (run.dir / "last.pt").write_text("epoch 1")
+            run.save()
+            raise Boom("killed at epoch 1")
+    key2 = run.manifest.key
+    failed = store.manifest("train", key2)
+    assert failed.status == "failed" and "Boom" in failed.error and "killed at epoch 1" in failed.error
+    assert _lock_is_free(store, "train", key2)
+    with store.stage(*other) as run:  # re-opened, not complete: resumes with its files and per-item records
+        assert not run.reused and run.manifest.status == "running" and run.manifest.error is None
+        assert run.manifest.items == {"v1": {"status": "ok"}} and (run.dir / "last.pt").read_text() == "epoch 1"
+        run.fail("no usable items")  # a failure recorded without raising stays failed
+    assert store.manifest("train", key2).status == "failed" and store.manifest("train", key2).error == \
+        "no usable items"
+    assert _lock_is_free(store, "train", key2)

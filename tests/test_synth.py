@@ -12,8 +12,18 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.ave.synth import (AVE_CATEGORIES, BACKGROUND_KINDS, EVENT, MISMATCH, SPLITS, SynthConfig, class_style,
-                            generate_dataset, plan_dataset, render_audio, write_video)
+from pipeline.ave.synth import (
+    BACKGROUND_KINDS,
+    EVENT,
+    MISMATCH,
+    SPLITS,
+    SynthConfig,
+    generate_dataset,
+    plan_dataset,
+    render_audio,
+    write_video,
+)
+from pipeline.synth_engine import AVE_CATEGORIES, class_style
 
 # Small and fast; fps/size reduced where a test does not need AVE's (the decode test writes a full-size video).
 SMALL = SynthConfig(videos=12, classes=4, seed=3, fps=8, width=128, height=96)
@@ -44,7 +54,8 @@ def test_layout_and_ave_format(small):
         assert (small / name).exists(), name
     lines = read_rows(small)
     assert len(lines) == SMALL.videos + 1  # one duplicate row by default at >= 10 videos
-    assert (small / "Annotations.txt").read_bytes().endswith(b"\n") and b"\r" not in (small / "Annotations.txt").read_bytes()
+    text = (small / "Annotations.txt").read_bytes()
+    assert text.endswith(b"\n") and b"\r" not in text
     first_seen = []
     for line in lines:
         category, vid, quality, start, end = line.split("&")
@@ -159,7 +170,7 @@ def test_two_syntheses_at_the_same_time_write_the_same_bytes(tmp_path):
 
 
 def test_rgb_to_yuv420_matches_bt601():
-    from pipeline.ave.synth import rgb_to_yuv420
+    from pipeline.synth_engine import rgb_to_yuv420
 
     img = np.zeros((4, 4, 3), np.uint8)
     img[:2, :2] = (255, 0, 0)  # red block

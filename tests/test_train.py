@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from models import CACEConfig, CACENet
-from pipeline.errors import UserError
 from pipeline.ave.features import from_public_folder
 from pipeline.ave.metrics import localization_metrics
 from pipeline.ave.train import TrainConfig, evaluate, load_model, save_checkpoint, train_model, train_stage
+from pipeline.errors import UserError
 from tests.features_fixture import TINY_MODEL, write_feature_folder
 
 
@@ -47,10 +47,12 @@ def test_metrics_of_a_known_prediction():
     m = localization_metrics(pred, target, background=3, class_names=["a", "b", "c"])
     assert m["accuracy"] == 62.5 and m["correct_segments"] == 5 and m["segments"] == 8
     assert m["all_background_accuracy"] == 37.5
-    assert m["per_class"]["a"]["accuracy"] == 50.0 and m["per_class"]["background"]["accuracy"] == pytest.approx(200 / 3)
+    assert m["per_class"]["a"]["accuracy"] == 50.0
+    assert m["per_class"]["background"]["accuracy"] == pytest.approx(200 / 3)
     # event detection: 5 segments predicted as events, 4 of them are events (TP); 1 true event missed (FN)
     assert m["event"]["precision"] == 80.0 and m["event"]["recall"] == 80.0
-    assert m["background"]["precision"] == pytest.approx(100 * 2 / 3) and m["background"]["recall"] == pytest.approx(200 / 3)
+    assert m["background"]["precision"] == pytest.approx(100 * 2 / 3)
+    assert m["background"]["recall"] == pytest.approx(200 / 3)
     assert np.array(m["confusion"]).sum() == 8 and m["confusion"][3][3] == 2
 
 
@@ -149,7 +151,7 @@ def test_standardized_features_travel_in_the_checkpoint(tmp_path):
 
 def _write_labels(folder, width, shift=0):
     from pipeline.ave import load_dataset
-    from pipeline.ave.synth import AVE_CATEGORIES
+    from pipeline.synth_engine import AVE_CATEGORIES
 
     ds = load_dataset(folder)
     small = ds.segment_labels()  # [N,10,len(ds.classes)+1]
@@ -165,7 +167,7 @@ def _write_labels(folder, width, shift=0):
 def test_ave_width_labels_with_a_subset_of_classes_train_end_to_end(tmp_path, folder):
     """labels.h5 with AVE's 29 columns, Annotations.txt naming 3 classes: AVE's class list, checked, and a run
     that writes its predictions (this combination once crashed in write_predictions after all epochs)."""
-    from pipeline.ave.synth import AVE_CATEGORIES
+    from pipeline.synth_engine import AVE_CATEGORIES
 
     _write_labels(folder, len(AVE_CATEGORIES))
     fs = from_public_folder(folder)

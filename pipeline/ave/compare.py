@@ -16,11 +16,11 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.ave.features import FeatureSet
+from pipeline.ave.train import TrainConfig, TrainResult, train_stage
 from pipeline.config import apply_overrides, validate
 from pipeline.errors import UserError
-from pipeline.ave.features import FeatureSet
 from pipeline.store import atomic_path, write_json_atomic
-from pipeline.ave.train import TrainConfig, TrainResult, train_stage
 
 
 @dataclass

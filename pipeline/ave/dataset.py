@@ -28,6 +28,7 @@ from pipeline.errors import UserError
 
 ANNOTATIONS = "Annotations.txt"
 SEGMENTS = 10  # AVE videos are 10 s, one label per 1-s segment
+FEATURE_KEY = "avadataset"  # the HDF5 dataset of AVE feature and label files (what AVE and CACE-Net code read)
 SPLITS = ("train", "val", "test")
 VIDEO_DIRS = ("videos", "AVE")  # our layout, then the official AVE download's
 
@@ -217,7 +218,8 @@ class AVEDataset:
         the same size would go unnoticed, which `--force` covers."""
         from pipeline.store import digest_json, file_sha256
 
-        splits = {s: file_sha256(self.root / f"{s}_order.h5") for s in SPLITS if (self.root / f"{s}_order.h5").is_file()}
+        splits = {s: file_sha256(self.root / f"{s}_order.h5") for s in SPLITS
+                  if (self.root / f"{s}_order.h5").is_file()}
         videos = {}
         for vid in self.video_ids():
             path = self.video_path(vid)
@@ -268,5 +270,5 @@ def write_labels(ds: AVEDataset, out: Path) -> Path:
 
     with atomic_path(Path(out)) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("avadataset", data=ds.segment_labels())
+            f.create_dataset(FEATURE_KEY, data=ds.segment_labels())
     return Path(out)

@@ -1,4 +1,9 @@
-"""The extraction stages: AVE videos -> `visual.h5` ([N,10,7,7,2048], ResNet-50) and `audio.h5` ([N,10,2048], Cnn14).
+"""The AVE extraction stages: videos -> `visual.h5` ([N,10,7,7,2048], ResNet-50) and `audio.h5` ([N,10,2048], Cnn14).
+
+What is AVE's own lives here: its grid (ten 1-s segments, `pipeline.extraction.grids.SegmentGrid`), its writer (HDF5
+rows in Annotations.txt order, `RowWriter`), its stages and keys. The loop (decoding workers, one forward per video,
+pinned threads, failures, progress) is the shared engine's (`pipeline.extraction.engine`), and so is sharding
+(`pipeline.extraction.shards`).
 
 Two stages in the store, `extract_visual` and `extract_audio`, so a fine-tuned visual encoder changes only the
 visual key (the audio features are reused untouched). A stage's key digests the dataset (`AVEDataset.digest()`),
@@ -9,20 +14,13 @@ threads and the device do not enter it.
 Output (what the public CACE-Net / AVE code reads unchanged): dataset `avadataset`, row i = Annotations.txt line i,
 chunked by row, float32 (or float16). Beside it: `valid` [N] bool (False for rows whose video failed; their
 features are zeros), `done` [N] bool (all True in a finished file), and attributes (encoder, weights sha256 or
-RANDOM-INIT, random_init, frames_per_segment / sample_rate, dtype, stage key).
+RANDOM-INIT, random_init, frames_per_segment / sample_rate, dtype, stage key, torch_threads).
 
 How it runs:
-- Unique videos go through a torch DataLoader (`workers` processes from a fork server decode while the encoder
-  runs, replaced every WORKER_VIDEOS videos); each video is decoded once for all its rows and, with
-  `modality="both"`, once for both encoders.
-- Each video is prepared on the device (resize/crop for frames) and encoded on its own: one forward of exactly its
-  S x units_per_segment units (AVE: 10 x 16 frames, 10 one-second chunks), never mixed with another video's.
-  The CPU's kernels round differently for different batch shapes (and fp32 convolutions for different thread
-  counts), so a video's features would otherwise depend on its neighbours in the batch, the number of decoding
-  workers and where a run was cut off. With one fixed shape per video and the thread count pinned (`threads`,
-  recorded in the file; a resumed run takes the recorded one), the bytes of a row depend only on its video, the
-  weights, the precision and that thread count. Features are written as soon as a video is done, so memory does
-  not grow with the number of videos (`release_memory` keeps glibc from holding freed per-video buffers).
+- Unique videos go through the engine: each video is decoded once for all its rows and, with `modality="both"`,
+  once for both encoders; one forward of exactly its 10 x units_per_segment units per encoder. With the thread count
+  pinned (`threads`, recorded in the file; a resumed run takes the recorded one), the bytes of a row depend only on
+  its video, the weights, the precision and that thread count.
 - Resumable: the features go into `.visual.h5.partial` whose chunks are all allocated when it is created (no HDF5
   metadata changes afterwards, so a kill cannot corrupt its structure); after a video's rows are written and
   flushed, its rows are marked in `done` and flushed again. A per-video record is appended to `items.jsonl` before
@@ -31,19 +29,20 @@ How it runs:
 - A video no decoder can read is recorded (manifest items, reason), its rows get zeros and valid=False, and the
   others go on. If the failed share of rows passes `max_failure_share`, the stage is marked failed and
   `TooManyFailures` is raised (the partial file stays; rerunning with a higher threshold finishes it at once).
+- Sharded (`cluster`, `flows.sharded`): `extract_shard` writes a shard's part per stage on a Dask worker, and
+  `extract(..., parts=...)` merges them through the same writer: the same file and manifest as here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -51,12 +50,14 @@ import torch
 from pydantic import Field
 
 from pipeline import ave, media
-from pipeline.config import StrictModel
+from pipeline.ave.dataset import FEATURE_KEY
 from pipeline.errors import UserError
-from pipeline.runtime import default_threads, pinned_threads, resolve_device, resolve_precision, worker_options
+from pipeline.extraction import encoders, shards
+from pipeline.extraction.engine import ProgressFn, run_videos
+from pipeline.extraction.grids import SegmentGrid
+from pipeline.extraction.settings import ExtractSettings
+from pipeline.runtime import default_threads, resolve_device, resolve_precision
 from pipeline.store import ArtifactStore, Manifest, StageRun, stage_key
-
-log = logging.getLogger(__name__)
 
 # Bump when the output for the same inputs changes (sampler, length rule, layout). 2: encoders in channels_last
 # (other fp32 bits)
@@ -64,10 +65,9 @@ VERSION = "2"
 MODALITIES = ("visual", "audio")
 STAGES = {"visual": "extract_visual", "audio": "extract_audio"}
 OUTPUT_FILES = {"visual": "visual.h5", "audio": "audio.h5"}
-FEATURE_KEY = "avadataset"  # what AVE's and CACE-Net's loaders read
+PART_FILES = {"visual": ".visual.npy", "audio": ".audio.npy"}  # a video's features in a shard's part folder
 ITEMS_LOG = "items.jsonl"
 MANIFEST_SAVE_EVERY_S = 10.0
-WORKER_VIDEOS = 500  # decoding workers are replaced after this many videos
 RANDOM_WARNING = ("RANDOM WEIGHTS: the {modality} features come from a randomly initialised {encoder} "
                   "(--random-init); they are for testing the pipeline only, not for results")
 
@@ -77,33 +77,18 @@ AUDIO_INFO = ("audio_status", "audio_decoder", "audio_samples", "audio_padded_sa
               "audio_error", "duration_s", "notes")
 
 
-class ExtractConfig(StrictModel):
+class ExtractConfig(ExtractSettings):
     modality: Literal["visual", "audio", "both"] = "both"
     visual_encoder: str = "resnet50"
     audio_encoder: str = "cnn14"
     frames_per_segment: int = Field(media.FRAMES_PER_SEGMENT, ge=1, le=64,
                                     description="frames averaged per 1-s segment (AVE: 16)")
-    dtype: Literal["float32", "float16"] = "float32"
-    device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="compute precision of the encoders: auto = bf16 autocast where the device has native "
-                            "bf16 (CUDA; a CPU with AMX/AVX512-BF16), else fp32. Features are stored as `dtype`")
-    crop_size: int | None = Field(None, ge=32, description="visual center crop in px; None = the ImageNet weights' "
-                                                          "224 (after a 232 resize). Smaller: a CPU demo's knob")
-    threads: int = Field(0, ge=0, description="CPU threads of the encoders' forward (0: torch's default, the "
-                                              "machine's cores); a resumed run uses the one its partial file records")
+    dtype: Literal["float32", "float16"] = Field("float32", description="how the features are stored")
     workers: int = Field(2, ge=0, description="decoding processes (0: decode in the main process)")
     decode_threads: int = Field(0, ge=0, description="threads per decoder (0: the decoder's default)")
     max_failure_share: float = Field(0.01, ge=0.0, le=1.0,
                                      description="fail the stage if more than this share of rows failed")
-    resnet_weights: Path | None = None
-    cnn14_weights: Path | None = None
-    random_init: bool = False
-    seed: int = 0
-    # Sharded on a Dask cluster (flows.sharded): "local:N" or "tcp://HOST:8786"; None: this process. Neither field
-    # enters the stage key: a sharded run writes the same artifact as a single-process one.
-    cluster: str | None = None
-    shard_videos: int = Field(32, ge=1, description="videos per shard (one Prefect task and part file each)")
+    shard_videos: int = Field(32, ge=1, description="videos per shard (one Prefect task and part folder each)")
 
     def modalities(self) -> tuple[str, ...]:
         return MODALITIES if self.modality == "both" else (self.modality,)
@@ -111,8 +96,15 @@ class ExtractConfig(StrictModel):
     def encoder(self, modality: str) -> str:
         return self.visual_encoder if modality == "visual" else self.audio_encoder
 
-    def weights_path(self, modality: str) -> Path | None:
-        return self.resnet_weights if modality == "visual" else self.cnn14_weights
+    def encoder_spec(self, modality: str) -> encoders.EncoderSpec:
+        return self.spec(modality, self.encoder(modality), self.frames_per_segment)
+
+    def grid(self) -> SegmentGrid:
+        return SegmentGrid(frames_per_segment=self.frames_per_segment, segments=ave.SEGMENTS)
+
+    def key_fields(self, modality: str) -> dict:
+        """The fields that change one modality's output (one stage per modality: `key_config`)."""
+        return key_config(self, modality, resolve_device(self.device))
 
 
 @dataclass
@@ -141,18 +133,10 @@ class TooManyFailures(UserError):
         self.results = results
 
 
-ProgressFn = Callable[[int, int, str], None]  # (videos done, videos to do, video id)
-
-
-# ---- keys -------------------------------------------------------------------------------------------------------
-def precision(cfg: ExtractConfig, device: torch.device) -> str:
-    """The precision that runs ("fp32" or "bf16"): `auto` resolved on this device, so it is part of the key."""
-    return resolve_precision(cfg.precision, device)
-
-
+# ---- keys and plans ---------------------------------------------------------------------------------------------
 def key_config(cfg: ExtractConfig, modality: str, device: torch.device) -> dict:
     """The config fields that change this modality's output (and nothing else)."""
-    out = {"encoder": cfg.encoder(modality), "dtype": cfg.dtype, "precision": precision(cfg, device),
+    out = {"encoder": cfg.encoder(modality), "dtype": cfg.dtype, "precision": resolve_precision(cfg.precision, device),
            "window_start": 0, "segments": ave.SEGMENTS}
     if modality == "visual":
         out["frames_per_segment"] = cfg.frames_per_segment
@@ -163,19 +147,56 @@ def key_config(cfg: ExtractConfig, modality: str, device: torch.device) -> dict:
     return out
 
 
-def _weights_info(cfg: ExtractConfig, modality: str):
-    from extractors import get_extractor_class
-    from extractors.weights import WeightsInfo, locate_weights
+@dataclass
+class StagePlan:
+    """One modality's stage as the config, dataset and weights fix it, before anything runs."""
 
-    name = cfg.encoder(modality)
-    cls = get_extractor_class(name)
-    if cls.modality != modality:
-        raise UserError(f"extractor {name!r} is a {cls.modality} encoder, not a {modality} one")
-    if name in ("resnet50", "cnn14"):
-        return locate_weights(name, cfg.weights_path(modality), random_init=cfg.random_init, seed=cfg.seed)
-    if not cfg.random_init:  # other registered extractors (tests) have no weight files
-        raise UserError(f"extractor {name!r} has no weight files; use --random-init")
-    return WeightsInfo(name, None, None, True, cfg.seed, "random init")
+    modality: str
+    weights: object  # extractors.weights.WeightsInfo
+    config: dict
+    inputs: dict[str, str]
+    key: str
+
+    @property
+    def stage(self) -> str:
+        return STAGES[self.modality]
+
+
+def load_video_dataset(dataset_dir: Path) -> ave.AVEDataset:
+    """The dataset, which must have its video folder (extraction decodes from it)."""
+    ds = ave.load_dataset(dataset_dir)
+    if not ds.video_dir.is_dir():
+        raise UserError(f"{ds.video_dir}: video folder not found (an AVE dataset folder holds videos/<ID>.mp4 or "
+                        f"AVE/<ID>.mp4)")
+    return ds
+
+
+def planned_weights(cfg: ExtractConfig) -> dict:
+    """{modality: WeightsInfo}: locates and checks each encoder's weight file (a UserError if missing or wrong)."""
+    return {m: encoders.locate(cfg.encoder_spec(m), random_init=cfg.random_init, seed=cfg.seed)
+            for m in cfg.modalities()}
+
+
+def plan_stages(ds: ave.AVEDataset, cfg: ExtractConfig, device: torch.device) -> dict[str, StagePlan]:
+    """{modality: StagePlan} for the modalities `cfg` names: every weight file located and checked (a missing or
+    wrong one fails here, before any work) and every stage key computed."""
+    digest = ds.digest()
+    plans = {}
+    for m, weights in planned_weights(cfg).items():
+        config, inputs = key_config(cfg, m, device), {"dataset": digest, "weights": weights.id}
+        plans[m] = StagePlan(m, weights, config, inputs, stage_key(STAGES[m], VERSION, config, inputs))
+    return plans
+
+
+def _random_lineage_warning(plan: StagePlan, encoder_name: str) -> str | None:
+    from extractors.weights import trained_from_random
+
+    if not trained_from_random(plan.weights):  # random init, or fine-tuned from it
+        return None
+    warning = RANDOM_WARNING.format(modality=plan.modality, encoder=encoder_name)
+    if not plan.weights.random_init:
+        warning += " (fine-tuned from random initialisation)"
+    return warning
 
 
 # ---- the partial / final feature file ---------------------------------------------------------------------------
@@ -192,27 +213,27 @@ def _create_dataset(f: h5py.File, name: str, shape: tuple[int, ...], dtype, chun
     h5py.h5d.create(f.id, name.encode(), h5py.h5t.py_create(np.dtype(dtype)), space, dcpl=dcpl)
 
 
-class _Sink:
-    """One modality's output: encoder, queue of prepared videos, partial file, per-video records."""
+class RowWriter:
+    """One modality's output (the engine's writer for one stage): the partial HDF5 file, its done marks and the
+    per-video records. `encoder`: the extractor's description (its name and segment shape fix the file's layout)."""
 
-    def __init__(self, modality: str, extractor, run: StageRun, ds: ave.AVEDataset, cfg: ExtractConfig,
+    def __init__(self, modality: str, encoder: dict, run: StageRun, ds: ave.AVEDataset, cfg: ExtractConfig,
                  attrs: dict):
-        self.modality, self.extractor, self.run, self.ds, self.cfg = modality, extractor, run, ds, cfg
+        self.modality, self.encoder, self.run, self.ds, self.cfg = modality, encoder, run, ds, cfg
+        self.modalities = (modality,)
         self.attrs = attrs
         self.final = run.dir / OUTPUT_FILES[modality]
         self.partial = run.dir / f".{OUTPUT_FILES[modality]}.partial"
         self.items_log = run.dir / ITEMS_LOG
         self.n = len(ds)
-        self.shape = (self.n, ave.SEGMENTS, *extractor.segment_shape)
+        self.shape = (self.n, ave.SEGMENTS, *encoder["segment_shape"])
         self.dtype = np.dtype(cfg.dtype)
         self.rows_of = ds.rows_by_video()
-        self.ups = extractor.units_per_segment
-        self.forward_units = ave.SEGMENTS * self.ups  # one video per forward, always this shape
         self.threads = int(attrs["torch_threads"])  # a resumed partial file may replace it (open)
         self.f: h5py.File | None = None
         self.done = np.zeros(self.n, bool)
         self.items: dict[str, dict] = {}
-        self.stats = {"videos": 0, "units": 0, "encode_s": 0.0, "prepare_s": 0.0, "write_s": 0.0}
+        self.stats = {"videos": 0, "write_s": 0.0}
         self._last_save = time.monotonic()
         self._log_file = None
 
@@ -303,16 +324,10 @@ class _Sink:
     def needs(self, video_id: str) -> bool:
         return not self.done[self.rows_of[video_id]].all()
 
-    # -- adding videos, batching, writing -------------------------------------------------------------------------
-    def add(self, video_id: str, raw, info: dict, error: str | None) -> None:
-        """Prepare and encode one video, then write its rows."""
-        feats, error = encode_video(self.extractor, video_id, raw, error, self.threads, self.stats)
-        self.write(video_id, feats, info, error)
-        del feats
-        release_memory()
-
-    def write(self, video_id: str, feats: np.ndarray | None, info: dict, error: str | None) -> None:
+    # -- writing ------------------------------------------------------------------------------------------------
+    def write(self, video_id: str, features: dict, info: dict, errors: dict) -> None:
         t0 = time.perf_counter()
+        feats, error = features[self.modality], errors[self.modality]
         rows = sorted(self.rows_of[video_id])
         keep = VISUAL_INFO if self.modality == "visual" else AUDIO_INFO
         item = {"status": "ok" if error is None else "failed", "rows": rows,
@@ -321,7 +336,7 @@ class _Sink:
             item["reason"] = error
             feats = np.zeros(self.shape[1:], self.dtype)
         elif feats.shape != self.shape[1:]:
-            raise RuntimeError(f"{self.extractor.name} produced {feats.shape} for {video_id}, expected "
+            raise RuntimeError(f"{self.encoder['encoder']} produced {feats.shape} for {video_id}, expected "
                                f"{self.shape[1:]}")
         # 1) the record, 2) the rows, flushed, 3) the done marks, flushed: a kill between steps redoes the video
         self._log_file.write(json.dumps({"video": video_id, "item": item}) + "\n")
@@ -364,99 +379,9 @@ class _Sink:
             os.replace(self.partial, self.final)
 
 
-def encode_video(extractor, video_id: str, raw, error: str | None, threads: int, stats: dict
-                 ) -> tuple[np.ndarray | None, str | None]:
-    """(features, None) of one decoded video, or (None, why) when it cannot be encoded. One forward of exactly the
-    video's S x units_per_segment units, with `threads` CPU threads: the bytes depend on the video only."""
-    if error is not None or raw is None:
-        return None, error or "nothing decoded"
-    t0 = time.perf_counter()
-    try:
-        units = extractor.prepare(raw)
-    except Exception as e:  # e.g. a frame size the resize cannot take: this video fails, others go on
-        return None, f"prepare failed: {media._short(e)}"
-    expected = ave.SEGMENTS * extractor.units_per_segment
-    if units.shape[0] != expected:  # the length rule makes every video S segments
-        raise RuntimeError(f"{extractor.name} prepared {units.shape[0]} units for {video_id}, expected {expected}")
-    t1 = time.perf_counter()
-    stats["prepare_s"] = stats.get("prepare_s", 0.0) + t1 - t0
-    with pinned_threads(threads):
-        feats = extractor.encode(units)
-    stats["encode_s"] = stats.get("encode_s", 0.0) + time.perf_counter() - t1
-    stats["units"] = stats.get("units", 0) + units.shape[0]
-    return feats.numpy(), None
-
 
 def _megabytes(n: int) -> str:
     return f"{n / 2**20:.1f} MB"
-
-
-# ---- decoding in worker processes -------------------------------------------------------------------------------
-class _DecodeJobs(torch.utils.data.Dataset):
-    """Item i: decode video i for the modalities that still need it. Failures come back as data, not exceptions,
-    so one bad file never stops the DataLoader."""
-
-    def __init__(self, jobs: list[tuple[str, str, bool, bool]], frames_per_segment: int, threads: int):
-        self.jobs, self.fps, self.threads = jobs, frames_per_segment, threads
-
-    def __len__(self) -> int:
-        return len(self.jobs)
-
-    def __getitem__(self, i: int) -> dict:
-        vid, path, need_v, need_a = self.jobs[i]
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = {"video": vid, "frames": None, "audio": None, "info": {}, "errors": {}}
-        try:
-            d = media.decode(path, video=need_v, audio=need_a, frames_per_segment=self.fps, threads=self.threads)
-        except media.MediaError as e:
-            out["errors"]["visual"] = str(e)
-            d = None
-            if need_a and need_v:  # the frames failed; the audio may still be there
-                try:
-                    d = media.decode(path, video=False, audio=True, threads=self.threads)
-                except media.MediaError as e2:
-                    out["errors"]["audio"] = str(e2)
-            else:
-                out["errors"]["audio"] = str(e)
-        except Exception as e:  # an unexpected decoder crash is still one video's problem
-            out["errors"] = {"visual": f"unexpected: {media._short(e)}", "audio": f"unexpected: {media._short(e)}"}
-            d = None
-        if d is not None:
-            out["info"] = d.info.to_dict()
-            if d.frames is not None:
-                out["frames"] = torch.from_numpy(d.frames)
-            if d.audio is not None:
-                out["audio"] = torch.from_numpy(d.audio)
-            elif need_a and "audio" not in out["errors"]:
-                out["errors"]["audio"] = d.info.audio_error or "audio could not be decoded"
-        out["decode_s"] = time.perf_counter() - t0
-        out["decode_cpu_s"] = time.process_time() - c0  # this process, all its threads (decoder threads too)
-        return out
-
-
-def _identity(x):
-    return x
-
-
-_LIBC = None
-
-
-def release_memory() -> None:
-    """Give freed heap pages back to the OS (glibc only; elsewhere a no-op). The per-video tensors vary in size
-    and glibc keeps the freed pages: without this the main process grew by ~6 MB per video with decoding workers
-    (0.8 -> 1.35 GB over 100 videos, benchmarks/extraction.py); with it, it stays flat."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = lib if hasattr(lib, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
 
 
 # ---- the stage --------------------------------------------------------------------------------------------------
@@ -471,27 +396,24 @@ def _open_result(store: ArtifactStore, modality: str, key: str, manifest: Manife
     return ExtractResult(modality, STAGES[modality], key, dir_, path, reused, manifest, random_init, failed, n)
 
 
-def load_video_dataset(dataset_dir: Path) -> ave.AVEDataset:
-    """The dataset, which must have its video folder (extraction decodes from it)."""
-    ds = ave.load_dataset(dataset_dir)
-    if not ds.video_dir.is_dir():
-        raise UserError(f"{ds.video_dir}: video folder not found (an AVE dataset folder holds videos/<ID>.mp4 or "
-                        f"AVE/<ID>.mp4)")
-    return ds
+def _file_attrs(plan: StagePlan, encoder: dict, cfg: ExtractConfig, digest: str) -> dict:
+    """The feature file's attributes: what the rows are and how they were made (predict rebuilds the encoder from
+    them)."""
+    from extractors.weights import trained_from_random
 
-
-def planned_weights(cfg: ExtractConfig) -> dict:
-    """{modality: WeightsInfo}: locates and checks each encoder's weight file (a UserError if missing or wrong)."""
-    return {m: _weights_info(cfg, m) for m in cfg.modalities()}
-
-
-def planned_keys(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig()) -> dict[str, str]:
-    """{modality: stage key} this config would use (locates and hashes the weight files; decodes nothing)."""
-    ds = ave.load_dataset(dataset_dir)
-    device = resolve_device(cfg.device)
-    digest = ds.digest()
-    return {m: stage_key(STAGES[m], VERSION, key_config(cfg, m, device),
-                         {"dataset": digest, "weights": _weights_info(cfg, m).id}) for m in cfg.modalities()}
+    attrs = {"stage": plan.stage, "stage_key": plan.key, "version": VERSION, "encoder": encoder["encoder"],
+             "weights_sha256": plan.weights.label, "random_init": trained_from_random(plan.weights),
+             "seed": cfg.seed, "dtype": cfg.dtype, "segments": ave.SEGMENTS, "precision": plan.config["precision"],
+             "dataset_digest": digest, "rows": "row i = line i of Annotations.txt",
+             "torch_threads": cfg.threads or default_threads()}
+    if plan.modality == "visual":
+        attrs["frames_per_segment"] = cfg.frames_per_segment
+        crop = encoder.get("preprocessing", {}).get("crop_size")
+        if crop:  # what predict must rebuild the encoder with
+            attrs["crop_size"] = int(crop[0])
+    else:
+        attrs["sample_rate"] = media.SAMPLE_RATE
+    return attrs
 
 
 def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path = Path("artifacts"), *,
@@ -499,165 +421,84 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
             parts: dict[str, list[Path]] | None = None) -> dict[str, ExtractResult]:
     """Run (or reuse, or resume) the extraction stages `cfg.modality` names; returns {modality: ExtractResult}.
 
-    `parts` ({modality: shard part files}, `pipeline.ave.shards`): the videos' features were computed elsewhere
-    (Dask workers); their rows are written from the parts instead of being decoded and encoded here. The output
-    file and manifest are the same as a single-process run's.
+    `parts` ({modality: shard part folders}, `extract_shard`): the videos' features were computed elsewhere (Dask
+    workers); their rows are written from the parts instead of being decoded and encoded here. The output file and
+    manifest are the same as a single-process run's.
 
     Raises UserError for bad input (dataset, weights, config) before any work, and TooManyFailures (a UserError)
     after the work if the failed share of rows passes `cfg.max_failure_share` in any modality.
     """
-    from extractors import create_extractor
-    from extractors.weights import trained_from_random
-
     t_start = time.perf_counter()
     ds = load_video_dataset(dataset_dir)
     device = resolve_device(cfg.device)
     store = ArtifactStore(root)
     digest = ds.digest()
-
-    plans = {}
-    for m in cfg.modalities():
-        weights = _weights_info(cfg, m)  # a missing or wrong path fails here, before any work
-        config = key_config(cfg, m, device)
-        inputs = {"dataset": digest, "weights": weights.id}
-        key = stage_key(STAGES[m], VERSION, config, inputs)
-        plans[m] = (weights, config, inputs, key)
+    plans = plan_stages(ds, cfg, device)
 
     results: dict[str, ExtractResult] = {}
-    extractors = {}
-    for m, (weights, config, inputs, key) in plans.items():
-        stage_dir = store.path(STAGES[m], key)
-        if not force and store.is_complete(STAGES[m], key) and (stage_dir / OUTPUT_FILES[m]).is_file():
-            results[m] = _open_result(store, m, key, store.manifest(STAGES[m], key), True, len(ds))
-            continue
-        # every encoder is built (and its weight file checked) before any stage folder is touched
-        extractors[m] = create_extractor(cfg.encoder(m), weights=weights.path, random_init=weights.random_init,
-                                         seed=cfg.seed, device=device, precision=config["precision"],
-                                         frames_per_segment=cfg.frames_per_segment,
-                                         **({"crop_size": cfg.crop_size} if m == "visual" and cfg.crop_size else {}))
+    todo = {}
+    for m, plan in plans.items():
+        manifest = store.manifest(plan.stage, plan.key)
+        if not force and manifest is not None and manifest.status == "complete" and \
+                (store.path(plan.stage, plan.key) / OUTPUT_FILES[m]).is_file():
+            results[m] = _open_result(store, m, plan.key, manifest, True, len(ds))
+        else:
+            todo[m] = plan
+    sources = {m: shards.PartSource(parts[m], plan.key) for m, plan in todo.items()} if parts is not None else {}
+    built = {}
+    if parts is None:  # every encoder is built (and its weight file checked) before any stage folder is touched
+        built = {m: encoders.build(cfg.encoder_spec(m), plan.weights, seed=cfg.seed, device=device,
+                                   precision=plan.config["precision"]) for m, plan in todo.items()}
+    described = {m: built[m].describe() if m in built else sources[m].encoders[m] for m in todo}
 
-    sinks: dict[str, _Sink] = {}
-    try:
-        for m, extractor in extractors.items():
-            weights, config, inputs, key = plans[m]
-            stage_dir = store.path(STAGES[m], key)
-            if force:  # under the artifact's lock: no other run reads the folder while it is removed
-                lock = store.lock(STAGES[m], key)
-                lock.acquire()
-                shutil.rmtree(stage_dir, ignore_errors=True)
-                run = store.open(STAGES[m], VERSION, config, inputs)
-                lock.release()  # the run holds it (the lock is re-entrant within this thread)
-            else:
-                run = store.open(STAGES[m], VERSION, config, inputs)
-            if run.manifest.key != key:
-                raise RuntimeError(f"stage key computed twice differently: {key} vs {run.manifest.key}")
-            if run.is_complete and (stage_dir / OUTPUT_FILES[m]).is_file():  # computed by a run we waited for
-                results[m] = _open_result(store, m, key, run.manifest, True, len(ds))
-                continue
-            random_lineage = trained_from_random(weights)  # random init, or fine-tuned from it
-            attrs = {"stage": STAGES[m], "stage_key": key, "version": VERSION, "encoder": extractor.name,
-                     "weights_sha256": weights.label, "random_init": random_lineage, "seed": cfg.seed,
-                     "dtype": cfg.dtype, "segments": ave.SEGMENTS, "precision": config["precision"],
-                     "dataset_digest": digest, "rows": "row i = line i of Annotations.txt",
-                     "torch_threads": cfg.threads or default_threads()}
-            if m == "visual":
-                attrs["frames_per_segment"] = cfg.frames_per_segment
-                if hasattr(extractor, "crop_size"):  # what predict must rebuild the encoder with
-                    attrs["crop_size"] = int(extractor.crop_size[0])
-            else:
-                attrs["sample_rate"] = media.SAMPLE_RATE
-            run.manifest.metrics["encoder"] = extractor.describe()
-            run.manifest.metrics["run"] = {"device": str(device), "workers": cfg.workers,
-                                           "max_failure_share": cfg.max_failure_share}
-            if random_lineage:
-                warning = RANDOM_WARNING.format(modality=m, encoder=extractor.name)
-                if not weights.random_init:
-                    warning += " (fine-tuned from random initialisation)"
-                if warning not in run.manifest.warnings:
+    writers: dict[str, RowWriter] = {}
+    failures = []
+    with contextlib.ExitStack() as stack:
+        try:
+            for m, plan in todo.items():
+                run = stack.enter_context(store.stage(plan.stage, VERSION, plan.config, plan.inputs, force=force))
+                if run.reused:  # computed by a run we waited for
+                    results[m] = _open_result(store, m, plan.key, run.manifest, True, len(ds))
+                    continue
+                writer = RowWriter(m, described[m], run, ds, cfg, _file_attrs(plan, described[m], cfg, digest))
+                run.manifest.metrics["encoder"] = described[m]
+                run.manifest.metrics["run"] = {"device": str(device), "workers": cfg.workers,
+                                               "max_failure_share": cfg.max_failure_share}
+                warning = _random_lineage_warning(plan, described[m]["encoder"])
+                if warning and warning not in run.manifest.warnings:
                     run.manifest.warnings.insert(0, warning)
-            sink = _Sink(m, extractor, run, ds, cfg, attrs)
-            sinks[m] = sink
-            sink.open()
-            run.manifest.metrics["run"]["torch_threads"] = sink.threads
-            run.save()
-
-        if sinks and parts is not None:
-            from pipeline.ave.shards import fill_from_parts
-
-            fill_from_parts(sinks, parts, progress)
-        elif sinks:
-            _run_sinks(ds, cfg, device, sinks, progress)
-        failures = []
-        for m, sink in sinks.items():
-            results[m] = _finish(store, sink, cfg, len(ds), t_start)
-            if results[m].manifest.status == "failed":
-                failures.append(results[m])
-    except BaseException as e:
-        for sink in sinks.values():
-            sink.close()
-            if sink.run.manifest.status == "running":
-                sink.run.fail(f"interrupted: {type(e).__name__}: {e}" if str(e) else type(e).__name__)
-        raise
+                writers[m] = writer
+                writer.open()
+                run.manifest.metrics["run"]["torch_threads"] = writer.threads
+                run.save()
+            stats = {}
+            if writers and parts is not None:
+                for m, writer in writers.items():
+                    sources[m].feed(ds.video_ids(), writer, progress)
+            elif writers:
+                stats = run_videos([(vid, ds.video_path(vid)) for vid in ds.video_ids()], cfg.grid(),
+                                   {m: built[m] for m in writers}, list(writers.values()),
+                                   threads={m: w.threads for m, w in writers.items()}, workers=cfg.workers,
+                                   decode_threads=cfg.decode_threads, progress=progress)
+            for m, writer in writers.items():
+                results[m] = _finish(store, writer, stats.get(m, {}), cfg, len(ds), t_start)
+                if results[m].manifest.status == "failed":
+                    failures.append(results[m])
+        finally:
+            for writer in writers.values():
+                writer.close()
     if failures:
-        parts = [f"{r.modality}: {len(r.failed_rows)} of {r.rows} rows failed ({100 * r.failure_share:.1f} %)"
+        lines = [f"{r.modality}: {len(r.failed_rows)} of {r.rows} rows failed ({100 * r.failure_share:.1f} %)"
                  for r in failures]
-        raise TooManyFailures(f"{'; '.join(parts)}, more than --max-failure-share {cfg.max_failure_share:g} "
+        raise TooManyFailures(f"{'; '.join(lines)}, more than --max-failure-share {cfg.max_failure_share:g} "
                               f"allows; the reasons are in {', '.join(str(r.dir / 'manifest.json') for r in failures)}"
                               f" (`avel inspect`). Fix or remove those videos, or raise --max-failure-share to "
                               f"accept zero features (valid=False) for them", results)
     return results
 
 
-def _run_sinks(ds: ave.AVEDataset, cfg: ExtractConfig, device: torch.device, sinks: dict[str, _Sink],
-               progress: ProgressFn | None) -> None:
-    jobs = []
-    for vid in ds.video_ids():
-        need_v = "visual" in sinks and sinks["visual"].needs(vid)
-        need_a = "audio" in sinks and sinks["audio"].needs(vid)
-        if need_v or need_a:
-            jobs.append((vid, str(ds.video_path(vid)), need_v, need_a))
-    total = len(jobs)
-    if progress:
-        progress(0, total, "")
-    if not jobs:
-        return
-    workers = min(cfg.workers, total)
-
-    step = WORKER_VIDEOS if workers else total
-    worker_opts = worker_options(workers)  # a fork server's workers, ending when this process ends
-
-    def items():
-        # fresh worker processes every WORKER_VIDEOS videos: whatever a decoder library keeps per file stays bounded
-        for start in range(0, total, step):
-            yield from torch.utils.data.DataLoader(
-                _DecodeJobs(jobs[start:start + step], cfg.frames_per_segment, cfg.decode_threads),
-                batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity,
-                pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None, persistent_workers=False,
-                **worker_opts)
-
-    wait = decode = decode_cpu = 0.0
-    t0 = time.perf_counter()
-    for i, item in enumerate(items()):
-        wait += time.perf_counter() - t0
-        decode += item.get("decode_s", 0.0)
-        decode_cpu += item.get("decode_cpu_s", 0.0)
-        for m, sink in sinks.items():
-            if not sink.needs(item["video"]):
-                continue
-            raw = item["frames"] if m == "visual" else item["audio"]
-            sink.add(item["video"], raw, item["info"], item["errors"].get(m))
-        del item
-        if progress:
-            progress(i + 1, total, jobs[i][0])
-        t0 = time.perf_counter()
-    for sink in sinks.values():
-        sink.stats["decode_wait_s"] = wait
-        sink.stats["decode_s"] = decode
-        sink.stats["decode_cpu_s"] = decode_cpu
-
-
-def _summary_warnings(sink: _Sink) -> list[str]:
-    items = sink.items
+def _summary_warnings(writer: RowWriter) -> list[str]:
+    items = writer.items
     out = []
 
     def ids(pred):
@@ -667,7 +508,7 @@ def _summary_warnings(sink: _Sink) -> list[str]:
     failed, names = ids(lambda it: it.get("status") == "failed")
     if failed:
         out.append(f"{len(failed)} videos failed ({names}); their rows are zeros with valid=False")
-    if sink.modality == "visual":
+    if writer.modality == "visual":
         odd, names = ids(lambda it: it.get("length_rule") in ("padded", "trimmed"))
         if odd:
             out.append(f"{len(odd)} videos are not {ave.SEGMENTS} s long ({names}): shorter ones are padded by "
@@ -682,41 +523,42 @@ def _summary_warnings(sink: _Sink) -> list[str]:
     return out
 
 
-def _finish(store: ArtifactStore, sink: _Sink, cfg: ExtractConfig, n: int, t_start: float) -> ExtractResult:
-    run, m = sink.run, sink.modality
-    if not sink.done.all():  # cannot happen unless a video vanished from the job list
-        raise RuntimeError(f"{m}: {int((~sink.done).sum())} rows not done at the end")
-    for w in _summary_warnings(sink):
+def _finish(store: ArtifactStore, writer: RowWriter, stats: dict, cfg: ExtractConfig, n: int,
+            t_start: float) -> ExtractResult:
+    run, m = writer.run, writer.modality
+    if not writer.done.all():  # cannot happen unless a video vanished from the job list
+        raise RuntimeError(f"{m}: {int((~writer.done).sum())} rows not done at the end")
+    for w in _summary_warnings(writer):
         if w not in run.manifest.warnings:
             run.manifest.warnings.append(w)
-    failed = sink.failed_rows()
+    failed = writer.failed_rows()
     share = len(failed) / n if n else 0.0
-    s = sink.stats
+    s = {**writer.stats, **stats}
     run.manifest.metrics.update({
-        "rows": n, "videos": len(sink.rows_of), "videos_this_run": s["videos"], "failed_rows": failed,
-        "failed_videos": sorted(v for v, it in sink.items.items() if it.get("status") == "failed"),
+        "rows": n, "videos": len(writer.rows_of), "videos_this_run": s["videos"], "failed_rows": failed,
+        "failed_videos": sorted(v for v, it in writer.items.items() if it.get("status") == "failed"),
         "failure_share": round(share, 6),
-        "units_per_s": round(s["units"] / s["encode_s"], 2) if s["encode_s"] else None,
+        "units_per_s": round(s["units"] / s["encode_s"], 2) if s.get("encode_s") else None,
         "videos_per_s": round(s["videos"] / (time.perf_counter() - t_start), 3) if s["videos"] else None,
     })
     run.manifest.timings.update({k: round(s.get(k, 0.0), 3) for k in
                                  ("encode_s", "prepare_s", "write_s", "decode_s", "decode_cpu_s",
                                   "decode_wait_s")})
     run.manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
-    sink.close()
+    writer.close()
     if share > cfg.max_failure_share:
         run.fail(f"{len(failed)} of {n} rows failed ({100 * share:.1f} %), more than max_failure_share "
                  f"{cfg.max_failure_share:g}; the partial output is kept and a rerun with a higher threshold "
                  f"finishes it without recomputing")
         return _open_result(store, m, run.manifest.key, run.manifest, False, n)
-    sink.publish()
-    run.manifest.items = dict(sink.items)
-    with h5py.File(sink.final, "r") as f:
+    writer.publish()
+    run.manifest.items = dict(writer.items)
+    with h5py.File(writer.final, "r") as f:
         shape, dtype = f[FEATURE_KEY].shape, f[FEATURE_KEY].dtype
     run.add_output(m, OUTPUT_FILES[m], shape=shape, dtype=dtype)
     run.complete()
     with contextlib.suppress(FileNotFoundError):
-        sink.items_log.unlink()  # its content is in the manifest now
+        writer.items_log.unlink()  # its content is in the manifest now
     return _open_result(store, m, run.manifest.key, run.manifest, False, n)
 
 
@@ -728,3 +570,44 @@ def extract_visual(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root
 def extract_audio(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path = Path("artifacts"),
                   **kwargs) -> ExtractResult:
     return extract(dataset_dir, cfg.model_copy(update={"modality": "audio"}), root, **kwargs)["audio"]
+
+
+# ---- sharded: one shard's parts on a worker ---------------------------------------------------------------------
+def plan_shards(dataset_dir: Path, shard_videos: int) -> list[list[str]]:
+    """The dataset's videos in row order, `shard_videos` at a time (shard i is always the same videos)."""
+    return shards.split(load_video_dataset(dataset_dir).video_ids(), shard_videos)
+
+
+def planned_key(dataset_dir: Path, cfg: ExtractConfig, modality: str) -> str:
+    """The stage key a merge of `modality` will open (locates and hashes the weight file; decodes nothing)."""
+    ds = load_video_dataset(dataset_dir)
+    one = cfg.model_copy(update={"modality": modality})
+    return plan_stages(ds, one, resolve_device(cfg.device))[modality].key
+
+
+def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modalities: list[str], index: int, videos: list[str],
+                  root: Path, progress: ProgressFn | None = None) -> dict[str, dict]:
+    """Encode one shard's videos into its part folder per stage (or find it done), decoding each video once for
+    all of them. Returns {modality: {"path", "reused", "videos", "failed", "threads"}}."""
+    ds = load_video_dataset(dataset_dir)
+    device = resolve_device(cfg.device)
+    threads = cfg.threads or default_threads()
+    plans = plan_stages(ds, cfg.model_copy(update={"modality": "both"}), device)
+    out, todo, built = {}, {}, {}
+    for m in modalities:
+        part = shards.Part(root, STAGES[m], plans[m].key, index, videos, {m: PART_FILES[m]})
+        if part.done:
+            out[m] = part.reused()
+            continue
+        todo[m] = (part, part.writer())
+        # kept between the shards this worker runs (building the encoders cost more than a shard's videos)
+        built[m] = encoders.build(cfg.encoder_spec(m), plans[m].weights, seed=cfg.seed, device=device,
+                                  precision=plans[m].config["precision"], keep=True)
+    if todo:
+        by_id = {vid: ds.video_path(vid) for vid in videos}
+        run_videos(list(by_id.items()), cfg.grid(), built, [w for _, w in todo.values()],
+                   threads={m: threads for m in todo}, workers=0, decode_threads=cfg.decode_threads,
+                   progress=progress)  # Dask's worker processes are daemonic: no decoding processes of their own
+    for m, (part, writer) in todo.items():
+        out[m] = part.publish(writer, threads, {m: built[m].describe()})
+    return out

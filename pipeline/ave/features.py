@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from pipeline import ave
+from pipeline.ave.dataset import FEATURE_KEY
 from pipeline.errors import UserError
 from pipeline.store import digest_json, file_sha256
 
-FEATURE_KEY = "avadataset"
 PUBLIC_NAMES = {"visual": "visual_feature.h5", "audio": "audio_feature.h5", "labels": "labels.h5"}
 
 
@@ -40,9 +40,10 @@ def _quick_identity(path: Path) -> str:
 def _dataset(f: h5py.File, path: Path) -> h5py.Dataset:
     if FEATURE_KEY in f:
         return f[FEATURE_KEY]
+    hint = (" — CACE-Net's extractor writes 'dataset': rename it with h5py (f.move('dataset', 'avadataset'))"
+            if "dataset" in f else "")
     raise UserError(f"{path}: no dataset '{FEATURE_KEY}' (found {list(f.keys())}); AVE feature files keep their "
-                    f"array under '{FEATURE_KEY}'" + (" — CACE-Net's extractor writes 'dataset': rename it with "
-                                                      "h5py (f.move('dataset', 'avadataset'))" if "dataset" in f else ""))
+                    f"array under '{FEATURE_KEY}'" + hint)
 
 
 @dataclass
@@ -188,7 +189,7 @@ def _class_names(labels_path: Path, ds: "ave.AVEDataset | None", labels: np.ndar
     names fewer when its rows use only some of them: with AVE's width (28 classes + background) and names that
     are all AVE categories, the columns are AVE's class order, provided every event segment's column is its
     row's category there (checked); any other disagreement is an error naming both files."""
-    from pipeline.ave.synth import AVE_CATEGORIES
+    from pipeline.synth_engine import AVE_CATEGORIES
 
     width = labels.shape[-1] - 1
     if ds is None:

@@ -35,8 +35,8 @@ Outputs (in the stage folder): `resnet50_finetuned.pt` (the `avel-resnet50-trunk
 loads with `--resnet-weights`; its sha256 is in the manifest and becomes the visual extraction's weights id),
 `resnet50_I_state_dict.pth` (`{"I_state_dict": Sequential(children[:-2]) state dict}`, what the reference's own
 `visual_feature_extractor.py --ckpt` reads), `loss.csv`, `retrieval.json`, and `last.pt` (resume point, written
-atomically every epoch). Re-extraction with the new weights changes only the visual extraction's key; the audio
-features are reused (`reextract_visual`).
+atomically every epoch). Re-extraction with the new weights (the visual extraction with `resnet_weights` = the
+`weights` file, `random_init` off) changes only the visual extraction's key; the audio features are reused.
 """
 
 from __future__ import annotations
@@ -54,27 +54,38 @@ import torch
 from pydantic import Field, field_validator
 
 from models.finetune import AudioVisualContrastive, reference_trunk, resolve_stages
-from models.losses import info_nce_loss
-from models.losses import info_nce_share
+from models.losses import info_nce_loss, info_nce_share
 from pipeline import ave, distributed, media
-from pipeline.config import StrictModel, dump_config
+from pipeline.ave.dataset import FEATURE_KEY
+from pipeline.config import StageConfig, dump_config
 from pipeline.errors import UserError
-from pipeline.runtime import (autocast, heap_allocations, load_torch_file, resolve_device, resolve_precision,
-                              seed_everything, worker_options)
+from pipeline.runtime import (
+    autocast,
+    heap_allocations,
+    load_torch_file,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    worker_options,
+)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
 STAGE, VERSION = "finetune", "2"  # 2: the trunk in channels_last on every device
 CHECKPOINT_FORMAT = "avel-finetune/1"
 WEIGHTS_FILE = "resnet50_finetuned.pt"
 REFERENCE_FILE = "resnet50_I_state_dict.pth"
-FEATURE_KEY = "avadataset"
 EVAL_SUBFRAME = 0.5  # retrieval frames: the middle of each second (grid frame 8 of 16)
 RECALL_AT = (1, 5)
 RANDOM_WARNING = ("RANDOM WEIGHTS: fine-tuning started from a randomly initialised ResNet-50 (--random-init); "
                   "the weights are for testing the pipeline only, not for results")
 
 
-class FinetuneConfig(StrictModel):
+class FinetuneConfig(StageConfig):
+    # the key: fields that change the result (device, workers and the recall curve's spacing do not; the precision
+    # that runs does); the random-start knobs only when on, so keys of before they existed stay
+    key_exclude = ("device", "workers", "retrieval_every")
+    key_when_set = ("standardize_audio", "head_norm")
+
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(128, ge=2, description="videos per batch (negatives = the other videos of the batch)")
     lr: float = Field(1e-3, gt=0)
@@ -124,17 +135,6 @@ class FinetuneConfig(StrictModel):
         if any(m < 1 for m in value) or value != sorted(value):
             raise ValueError(f"milestones must be increasing epochs >= 1, got {value}")
         return value
-
-    def resolved_precision(self) -> str:
-        return resolve_precision(self.precision, resolve_device(self.device))
-
-    def key_fields(self) -> dict:
-        """Fields that change the result (device and workers do not; the precision that runs does)."""
-        fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "workers", "retrieval_every")}
-        for knob in ("standardize_audio", "head_norm"):  # in the key when on: keys of before they existed stay
-            if not fields[knob]:
-                del fields[knob]
-        return {**fields, "precision": self.resolved_precision()}
 
     @property
     def resize_size(self) -> int:
@@ -664,15 +664,10 @@ def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root:
     ds = ave.load_dataset(dataset_dir)
     weights = locate_weights("resnet50", resnet_weights, random_init=random_init, seed=cfg.seed)
     inputs = {"dataset": ds.digest(), "resnet50": weights.id, "audio": audio_identity(Path(audio_h5))}
-    run = ArtifactStore(root).open(STAGE, VERSION, stage_key_fields(cfg, nproc), inputs)
-    if run.is_complete and not force:
-        return _result(run, True)
-    if force:  # also drop last.pt, or the run would "resume" from the finished one
-        run.restart()
-        for name in ("last.pt", WEIGHTS_FILE, REFERENCE_FILE, "loss.csv", "retrieval.json"):
-            (run.dir / name).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    try:
+    with ArtifactStore(root).stage(STAGE, VERSION, stage_key_fields(cfg, nproc), inputs, force=force) as run:
+        if run.reused:
+            return _result(run, True)
+        t0 = time.perf_counter()
         data = prepare_data(ds, Path(audio_h5), cfg)
         m = run.manifest
         m.warnings = []
@@ -702,34 +697,30 @@ def finetune_stage(dataset_dir: Path, audio_h5: Path, cfg: FinetuneConfig, root:
                                          nproc, resolve_device(cfg.device))
         else:
             summary = finetune_model(data, weights, cfg, run.dir, on_epoch=on_epoch, meta=meta)
-    except BaseException as e:
-        run.fail(e)
-        raise
-    for vid, err in summary["failures"].items():
-        run.manifest.items[vid] = {"status": "failed", "reason": err}
-    if summary["failures"]:
-        run.manifest.warnings.append(f"{len(summary['failures'])} training video(s) failed to decode and were "
-                                     f"left out of their batches")
-    run.add_output("weights", WEIGHTS_FILE, sha256=True)
-    run.add_output("reference_weights", REFERENCE_FILE, sha256=True)
-    run.add_output("loss", "loss.csv")
-    run.add_output("retrieval", "retrieval.json")
-    run.add_output("last", "last.pt")
-    history, retrieval = summary["history"], summary["retrieval"]
-    seconds = [r["seconds"] for r in history]
-    run.manifest.metrics.update({
-        "epochs": len(history), "first_epoch_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-        "final_temperature": history[-1]["temperature"],
-        "retrieval_before": _recalls(retrieval["before"]), "retrieval_after": _recalls(retrieval["after"]),
-        "weights_sha256": run.manifest.outputs["weights"].sha256, "device": summary["device"],
-        "precision": summary["precision"],
-        "decode_failures": len(summary["failures"]),
-        **({"processes": summary["processes"]} if "processes" in summary else {})})
-    run.manifest.timings.update(seconds_per_epoch=round(float(np.mean(seconds)), 3) if seconds else 0.0,
-                                data_wait_s_per_epoch=round(float(np.mean([r["data_wait_s"] for r in history])), 3),
-                                retrieval_s=float(retrieval["after"].get("seconds", 0.0)),
-                                total_s=round(time.perf_counter() - t0, 3))
-    run.complete()
+        for vid, err in summary["failures"].items():
+            m.items[vid] = {"status": "failed", "reason": err}
+        if summary["failures"]:
+            m.warnings.append(f"{len(summary['failures'])} training video(s) failed to decode and were left out of "
+                              f"their batches")
+        run.add_output("weights", WEIGHTS_FILE, sha256=True)
+        run.add_output("reference_weights", REFERENCE_FILE, sha256=True)
+        run.add_output("loss", "loss.csv")
+        run.add_output("retrieval", "retrieval.json")
+        run.add_output("last", "last.pt")
+        history, retrieval = summary["history"], summary["retrieval"]
+        seconds = [r["seconds"] for r in history]
+        m.metrics.update({
+            "epochs": len(history), "first_epoch_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+            "final_temperature": history[-1]["temperature"],
+            "retrieval_before": _recalls(retrieval["before"]), "retrieval_after": _recalls(retrieval["after"]),
+            "weights_sha256": m.outputs["weights"].sha256, "device": summary["device"],
+            "precision": summary["precision"],
+            "decode_failures": len(summary["failures"]),
+            **({"processes": summary["processes"]} if "processes" in summary else {})})
+        m.timings.update(seconds_per_epoch=round(float(np.mean(seconds)), 3) if seconds else 0.0,
+                         data_wait_s_per_epoch=round(float(np.mean([r["data_wait_s"] for r in history])), 3),
+                         retrieval_s=float(retrieval["after"].get("seconds", 0.0)),
+                         total_s=round(time.perf_counter() - t0, 3))
     return _result(run, False)
 
 
@@ -748,12 +739,3 @@ def retrieval_line(before: dict | None, after: dict | None) -> str | None:
             f"videos); v->a R@1: before {before['visual_to_audio']['R@1']:.1f} % after "
             f"{after['visual_to_audio']['R@1']:.1f} %")
 
-
-def reextract_visual(dataset_dir: Path, result: FinetuneResult, root: Path, extract_cfg=None, **kwargs):
-    """Run the visual extraction with the fine-tuned weights (a new key: the weights' sha256 differs); the audio
-    features are not touched, their stage key does not depend on the visual weights."""
-    from pipeline.ave.extract import ExtractConfig, extract_visual
-
-    cfg = (extract_cfg or ExtractConfig()).model_copy(update={"resnet_weights": result.weights,
-                                                              "random_init": False, "modality": "visual"})
-    return extract_visual(dataset_dir, cfg, root, **kwargs)

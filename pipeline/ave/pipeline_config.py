@@ -20,10 +20,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import StrictModel, apply_overrides, dump_config, load_config, validate
 from pipeline.ave.extract import ExtractConfig
 from pipeline.ave.finetune import FinetuneConfig
 from pipeline.ave.train import TrainConfig
+from pipeline.config import StrictModel, apply_overrides, dump_config, load_config, validate
 
 STAGES = ("extract_audio", "extract_visual", "finetune", "train", "evaluate")
 DOWNSTREAM = {  # forcing a stage recomputes it and everything that reads its output

@@ -34,7 +34,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,6 @@ from pipeline.store import MANIFEST, ArtifactStore, atomic_path, file_sha256, re
 
 WINDOW_S = ave.SEGMENTS  # AVE models see 10 one-second segments
 BACKGROUND = "background"
-VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".3gp")
 THUMB_HEIGHT = 96  # pixels of the timeline's frame thumbnails
 DISPLAY_SAMPLES = 4_800_000  # at most this many audio samples are kept for the picture (decimated)
 FEATURE_CHUNK_FRAMES = 64  # frames per ResNet-50 forward (rounded to whole segments)
@@ -251,6 +250,22 @@ def plan_encoder(modality: str, attrs: dict, explicit: Path | None, roots: Seque
 
 
 # ---- the localizer with its encoders ------------------------------------------------------------------------------
+def build_encoder(plan: EncoderPlan, device: torch.device, precision: str | None):
+    """The encoder `plan` names, built by the extraction engine's rules (`pipeline.extraction.encoders`); `precision`
+    None: the one the checkpoint's features were extracted with."""
+    from extractors.weights import WeightsInfo
+    from pipeline.extraction.encoders import EncoderSpec, build
+
+    options = {}
+    if plan.modality == "visual":
+        options["frames_per_segment"] = plan.frames_per_segment or media.FRAMES_PER_SEGMENT
+        if plan.crop_size:
+            options["crop_size"] = plan.crop_size
+    weights = WeightsInfo(plan.encoder, plan.weights, plan.sha256, plan.random_init, plan.seed, plan.source)
+    return build(EncoderSpec(plan.encoder, plan.modality, plan.weights, options), weights, seed=plan.seed,
+                 device=device, precision=precision or recorded_precision(plan.precision))
+
+
 def recorded_precision(attr: str) -> str:
     """A feature file's `precision` attribute -> "fp32" or "bf16" (files before 2026-12 wrote "bf16-autocast")."""
     return "bf16" if attr.startswith("bf16") else "fp32"
@@ -264,7 +279,6 @@ class Localizer:
                  precision: str | None = None):
         """`precision`: the encoders' compute ("auto", "fp32", "bf16"); None = the one the checkpoint's training
         features were extracted with, so that predictions see features computed as the model saw them."""
-        from extractors import create_extractor
         from pipeline.ave.features import FeatureNorm
         from pipeline.ave.train import load_model
 
@@ -292,18 +306,8 @@ class Localizer:
         self.norm = FeatureNorm.from_dict(info.get("feature_norm"))
         self.epoch = info.get("epoch")
 
-        self.extractors = {}
+        self.extractors = {m: build_encoder(plan, self.device, precision) for m, plan in self.plans.items()}
         for m, plan in self.plans.items():
-            kwargs = dict(weights=plan.weights, random_init=plan.random_init, seed=plan.seed, device=self.device,
-                          precision=precision or recorded_precision(plan.precision))
-            if m == "visual":
-                kwargs["frames_per_segment"] = plan.frames_per_segment or media.FRAMES_PER_SEGMENT
-                if plan.crop_size:
-                    kwargs["crop_size"] = plan.crop_size
-            ext = create_extractor(plan.encoder, **kwargs)
-            if ext.modality != m:
-                raise UserError(f"the checkpoint's {m} encoder {plan.encoder!r} is a {ext.modality} encoder")
-            self.extractors[m] = ext
             if plan.random_init:
                 self.notes.append(f"RANDOM WEIGHTS: the {m} encoder ({plan.encoder}) is randomly initialised "
                                   f"(seed {plan.seed}), as for the features this checkpoint was trained on: for "
@@ -331,7 +335,7 @@ class Localizer:
                 "audio": {"encoder": "cnn14"}}
 
     def _assume_classes(self, n: int) -> list[str]:
-        from pipeline.ave.synth import AVE_CATEGORIES
+        from pipeline.synth_engine import AVE_CATEGORIES
 
         if n == len(AVE_CATEGORIES):
             self.notes.append("the checkpoint does not record class names: assumed AVE's 28 categories in AVE's "
@@ -382,23 +386,6 @@ class Localizer:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
-def expand_videos(videos: Iterable[str | Path]) -> list[Path]:
-    """The paths given, with a folder replaced by the video files in it (sorted)."""
-    out = []
-    for v in videos:
-        p = Path(v).expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES)
-            if not found:
-                raise UserError(f"{p}: folder holds no video files ({', '.join(VIDEO_SUFFIXES)})")
-            out.extend(found)
-        else:
-            out.append(p)
-    if not out:
-        raise UserError("no videos given")
-    return out
-
-
 def timeline_seconds(duration_s: float) -> int:
     """Rows of the timeline: whole seconds, a remainder below media's tolerance not counted, at least one."""
     return max(1, math.ceil(duration_s - media.EXACT_TOLERANCE_S))
@@ -625,7 +612,7 @@ def predict_videos(videos: Sequence[str | Path], model_ref: str | Path, out_dir:
     per-video problems are in the results (`status`, `error`, `notes`). Writes per-video JSON/CSV/PNG and
     summary.json/summary.csv into `out_dir`.
     """
-    paths = expand_videos(videos)
+    paths = media.expand_videos(videos)
     ds = ave.load_dataset(Path(dataset)) if dataset is not None else None
     checkpoint = resolve_checkpoint(model_ref, root)
     loc = Localizer(checkpoint, device=device, root=root, resnet_weights=resnet_weights, cnn14_weights=cnn14_weights,

@@ -18,13 +18,17 @@ Why the content is built as it is:
 - Event lengths vary like AVE's (about half the rows are fully event, the rest 1-9 s at any start).
 - Everything random comes from `numpy.random.default_rng` seeded from the config seed (per video, from
   (seed, video index)); frames are converted to YUV in numpy, x264 runs single-threaded on its plain C code
-  (X264_PARAMS says why), and no timestamps are written: the same seed gives the same files byte for byte on the same
-  library versions, whatever the number of rendering threads or syntheses running at the same time (tested).
+  (`pipeline.synth_engine.X264_PARAMS` says why), and no timestamps are written: the same seed gives the same files
+  byte for byte on the same library versions, whatever the number of rendering threads or syntheses running at the
+  same time (tested).
+
+What each class looks and sounds like, the scene, and the MP4 encoding are `pipeline.synth_engine`'s (shared with
+the untrimmed generator, `pipeline.dense.videos`); this module owns the AVE layout: which object and sound play in
+which second, the rows, splits and annotation files.
 """
 
 from __future__ import annotations
 
-import colorsys
 import json
 import logging
 import math
@@ -32,17 +36,28 @@ import os
 import shutil
 import string
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.synth_engine import (
+    AVE_CATEGORIES,
+    MAX_CLASSES,
+    X264_OPTIONS,
+    Motion,
+    Scene,
+    class_sound,
+    class_style,
+    encode_mp4,
+    pink_noise,
+    rgb_to_yuv420,
+    seeded_rng,
+    sprite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +68,6 @@ SPLITS = ("train", "val", "test")
 MARKER = "synth.json"  # written last; its presence (with "generator": GENERATOR) marks a finished synth output
 LAYOUT = ("Annotations.txt", "videos", *(f"{s}_order.h5" for s in SPLITS), *(f"{s}Set.txt" for s in SPLITS), MARKER)
 
-# The 28 AVE categories in AVE's class order (order of first appearance in its Annotations.txt), spelled as AVE does.
-AVE_CATEGORIES: tuple[str, ...] = (
-    "Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane", "Race car, auto racing",
-    "Female speech, woman speaking", "Helicopter", "Violin, fiddle", "Flute", "Ukulele", "Frying (food)", "Truck",
-    "Shofar", "Motorcycle", "Acoustic guitar", "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant cry", "Bus",
-    "Chainsaw", "Cat", "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin",
-)
-MAX_CLASSES = len(AVE_CATEGORIES)
-
 # Background kinds (see module docstring); "event" marks an event segment.
 EVENT, VISUAL_ONLY, AUDIO_ONLY, MISMATCH, EMPTY = "event", "visual_only", "audio_only", "mismatch", "empty"
 BACKGROUND_KINDS = (VISUAL_ONLY, AUDIO_ONLY, MISMATCH, EMPTY)
@@ -69,16 +75,6 @@ BACKGROUND_KINDS = (VISUAL_ONLY, AUDIO_ONLY, MISMATCH, EMPTY)
 FULL_EVENT_PROB = 0.5  # AVE: 66 % of rows are fully event; a little less here so background is learnable
 ID_ALPHABET = string.ascii_letters + string.digits + "-_"
 AAC_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
-X264_OPTIONS = {"preset": "ultrafast", "crf": "23"}
-# x264 made byte-deterministic, each part measured (same frames, same options, fresh or reused process):
-# - its threading spelled out: frame, lookahead and sliced threads each can make the bitstream depend on timing;
-# - asm=0, x264's plain C code paths: with its SIMD code, one encoder thread and identical input still gave a
-#   different bitstream in ~1 of 100 encodes in fresh processes and in most videos over 25 repeats in one process
-#   (consistent with reads past a buffer's end, whose contents vary); with asm=0, 0 of 160 repeats differed.
-#   Concurrent encoders in one process differed more often still with SIMD, and not at all without it.
-# - preset ultrafast: the C paths cost ~3x, ultrafast brings a 10-s 320x240 video back to ~0.45 CPU-s
-#   (quality is irrelevant here: the content is flat colours and tones).
-X264_PARAMS = "threads=1:lookahead-threads=1:sliced-threads=0:asm=0"
 
 
 # ---- configuration ----------------------------------------------------------------------------------------------
@@ -107,8 +103,9 @@ class SynthConfig:
             raise UserError(f"seed must be >= 0, got {self.seed}")
         if not 1 <= self.fps <= 120:
             raise UserError(f"fps must be 1..120, got {self.fps}")
-        if self.width % 2 or self.height % 2 or min(self.width, self.height) < 32 or max(self.width, self.height) > 4096:
-            raise UserError(f"width and height must be even and 32..4096 (H.264 yuv420p), got {self.width}x{self.height}")
+        w, h = self.width, self.height
+        if w % 2 or h % 2 or min(w, h) < 32 or max(w, h) > 4096:
+            raise UserError(f"width and height must be even and 32..4096 (H.264 yuv420p), got {w}x{h}")
         if self.sample_rate not in AAC_RATES:
             raise UserError(f"sample_rate must be one AAC supports ({', '.join(map(str, AAC_RATES))}), "
                             f"got {self.sample_rate}")
@@ -121,52 +118,6 @@ class SynthConfig:
     @property
     def resolved_duplicates(self) -> int:
         return self.duplicates if self.duplicates is not None else (1 if self.videos >= 10 else 0)
-
-
-# ---- what each class looks and sounds like ----------------------------------------------------------------------
-SHAPES = ("disc", "square", "triangle", "star", "cross", "ring", "diamond")
-TEXTURES = ("solid", "hstripes", "checker", "dots", "vstripes")
-TIMBRES = ("sine", "odd_harmonics", "all_harmonics", "bell")
-RHYTHMS = ("steady", "tremolo", "pulses", "trill")
-PITCH_LOW_HZ, PITCH_OCTAVES = 200.0, 4.0
-
-
-def _van_der_corput(k: int) -> float:
-    """0, 1/2, 1/4, 3/4, 1/8, ...: the first few values are as far apart as possible."""
-    out, denom = 0.0, 1.0
-    while k:
-        denom *= 2
-        k, bit = divmod(k, 2)
-        out += bit / denom
-    return out
-
-
-@dataclass(frozen=True)
-class ClassStyle:
-    index: int
-    name: str
-    shape: str
-    texture: str
-    rgb: tuple[int, int, int]
-    pitch_hz: float
-    timbre: str
-    rhythm: str
-
-
-@lru_cache(maxsize=None)
-def class_style(k: int) -> ClassStyle:
-    """The visual object and the sound of class k; the first few classes differ in every attribute."""
-    if not 0 <= k < MAX_CLASSES:
-        raise UserError(f"class index must be 0..{MAX_CLASSES - 1}, got {k}")
-    hue = _van_der_corput(k % 16) + (1 / 32 if k >= 16 else 0)
-    value = 1.0 if k < 16 else 0.7
-    rgb = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 1.0, value))
-    return ClassStyle(
-        index=k, name=AVE_CATEGORIES[k],
-        shape=SHAPES[k % len(SHAPES)], texture=TEXTURES[(k + k // len(SHAPES)) % len(TEXTURES)], rgb=rgb,
-        pitch_hz=round(PITCH_LOW_HZ * 2 ** (PITCH_OCTAVES * _van_der_corput(k)), 2),
-        timbre=TIMBRES[k % len(TIMBRES)], rhythm=RHYTHMS[(k + k // len(TIMBRES)) % len(RHYTHMS)],
-    )
 
 
 # ---- the dataset plan (pure, deterministic) ---------------------------------------------------------------------
@@ -198,10 +149,6 @@ class SynthPlan:
     def videos(self) -> list[SynthRow]:
         """One row per video file (duplicates re-use their original's file)."""
         return [r for r in self.rows if r.duplicate_of is None]
-
-
-def _rng(seed: int, *path: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(seed), *path]))
 
 
 def _video_ids(rng: np.random.Generator, n: int) -> list[str]:
@@ -272,7 +219,7 @@ def _split_counts(n: int, split: tuple[float, float, float], num_classes: int) -
 
 def plan_dataset(cfg: SynthConfig) -> SynthPlan:
     """Everything about the dataset except the pixels and samples: rows, segments, splits. Deterministic."""
-    rng = _rng(cfg.seed, 0)
+    rng = seeded_rng(cfg.seed, 0)
     n, k = cfg.videos, cfg.classes
     # Classes as balanced as possible, rows grouped by category like AVE's Annotations.txt (so first appearance
     # order = class order).
@@ -308,7 +255,7 @@ def plan_dataset(cfg: SynthConfig) -> SynthPlan:
 
     rows = [SynthRow(row=i, video_id=ids[i], category=AVE_CATEGORIES[labels[i]], label=labels[i],
                      start=spans[i][0], end=spans[i][1], split=split_of.get(i, "train"),
-                     video_seed=int(_rng(cfg.seed, 1, i).integers(0, 2**31 - 1)),
+                     video_seed=int(seeded_rng(cfg.seed, 1, i).integers(0, 2**31 - 1)),
                      visual=segs[i][0], audio=segs[i][1], kinds=segs[i][2])
             for i in range(n)]
 
@@ -332,162 +279,7 @@ def plan_dataset(cfg: SynthConfig) -> SynthPlan:
     return SynthPlan(cfg, tuple(rows), orders)
 
 
-# ---- pictures ---------------------------------------------------------------------------------------------------
-def _shape_mask(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Boolean mask of a shape on coordinates in [-1, 1]."""
-    r = np.hypot(x, y)
-    if shape == "disc":
-        return r <= 0.95
-    if shape == "square":
-        return np.maximum(np.abs(x), np.abs(y)) <= 0.8
-    if shape == "triangle":
-        return (y <= 0.8) & (np.abs(x) <= (y + 0.95) * 0.55)
-    if shape == "star":
-        theta = np.arctan2(y, x) + np.pi / 2
-        return r <= 0.6 + 0.35 * np.cos(5 * theta)
-    if shape == "cross":
-        return ((np.abs(x) <= 0.3) & (np.abs(y) <= 0.95)) | ((np.abs(y) <= 0.3) & (np.abs(x) <= 0.95))
-    if shape == "ring":
-        return (r <= 0.95) & (r >= 0.5)
-    if shape == "diamond":
-        return np.abs(x) + np.abs(y) <= 0.95
-    raise AssertionError(shape)
-
-
-def _texture(texture: str, px: np.ndarray, py: np.ndarray, size: int) -> np.ndarray:
-    """Boolean pattern on pixel coordinates: True = full colour, False = darker shade."""
-    period = max(4, size // 6)
-    if texture == "solid":
-        return np.ones(px.shape, bool)
-    if texture == "hstripes":
-        return (py // (period // 2)) % 2 == 0
-    if texture == "vstripes":
-        return (px // (period // 2)) % 2 == 0
-    if texture == "checker":
-        return ((px // (period // 2)) + (py // (period // 2))) % 2 == 0
-    if texture == "dots":
-        cx, cy = px % period - period / 2, py % period - period / 2
-        return np.hypot(cx, cy) > period / 4
-    raise AssertionError(texture)
-
-
-@lru_cache(maxsize=256)
-def _sprite(k: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rgb [size,size,3] uint8, mask [size,size,3] bool) of class k's object, with a dark outline."""
-    style = class_style(k)
-    p = np.arange(size)
-    py, px = np.meshgrid(p, p, indexing="ij")
-    y, x = (py + 0.5) / size * 2 - 1, (px + 0.5) / size * 2 - 1
-    mask = _shape_mask(style.shape, x, y)
-    inner = _shape_mask(style.shape, x / 0.9, y / 0.9) if style.shape != "ring" else (
-        (np.hypot(x, y) <= 0.95 * 0.93) & (np.hypot(x, y) >= 0.5 / 0.93))
-    colour = np.array(style.rgb, np.float32)
-    rgb = np.where(_texture(style.texture, px, py, size)[..., None], colour, colour * 0.45)
-    rgb = np.where((mask & ~inner)[..., None], np.float32(20), rgb)  # outline
-    return np.ascontiguousarray(rgb.astype(np.uint8)), np.ascontiguousarray(np.repeat(mask[..., None], 3, axis=2))
-
-
-class _Scene:
-    """A per-video background: desaturated gradient, clutter and grain on a canvas larger than the frame, so the
-    camera can pan slowly over it."""
-
-    def __init__(self, rng: np.random.Generator, width: int, height: int, fps: int):
-        self.w, self.h, self.fps = width, height, fps
-        self.pad = pad = max(4, min(width, height) // 15)
-        H, W = height + 2 * pad, width + 2 * pad
-        top, bottom = (self._grey(rng, lo, hi) for lo, hi in ((90, 200), (40, 150)))
-        ramp = np.linspace(0, 1, H, dtype=np.float32)[:, None, None]
-        canvas = np.broadcast_to(top * (1 - ramp) + bottom * ramp, (H, W, 3)).copy()
-        for _ in range(int(rng.integers(12, 30))):  # clutter: grey-ish boxes and ellipses
-            cw, ch = (int(rng.integers(max(2, s // 20), max(3, s // 4))) for s in (W, H))
-            x0, y0 = int(rng.integers(0, W - cw)), int(rng.integers(0, H - ch))
-            patch = canvas[y0:y0 + ch, x0:x0 + cw]
-            if rng.random() < 0.5:
-                yy, xx = np.ogrid[:ch, :cw]
-                sel = ((yy - ch / 2 + 0.5) / (ch / 2)) ** 2 + ((xx - cw / 2 + 0.5) / (cw / 2)) ** 2 <= 1
-                patch[sel] = self._grey(rng, 30, 230)
-            else:
-                patch[:] = self._grey(rng, 30, 230)
-        # blocky low-frequency shading plus fine grain
-        block = max(2, min(width, height) // 12)
-        shade = rng.normal(0, 12, (H // block + 1, W // block + 1)).astype(np.float32)
-        canvas += np.kron(shade, np.ones((block, block), np.float32))[:H, :W, None]
-        canvas += rng.normal(0, 5, (H, W, 1)).astype(np.float32)
-        self.canvas = np.clip(canvas, 0, 255).astype(np.uint8)
-        self.pan_period = float(rng.uniform(6, 14))  # seconds
-        self.pan_phase = float(rng.uniform(0, 2 * np.pi))
-
-    @staticmethod
-    def _grey(rng: np.random.Generator, lo: int, hi: int) -> np.ndarray:
-        level = rng.uniform(lo, hi)
-        return (level + rng.normal(0, 8, 3)).astype(np.float32)  # a faint tint only: objects own the colour
-
-    def frame(self, i: int) -> np.ndarray:
-        t = i / self.fps
-        ox = self.pad + int(round(self.pad * 0.9 * math.sin(2 * math.pi * t / self.pan_period + self.pan_phase)))
-        oy = self.pad + int(round(self.pad * 0.5 * math.cos(2 * math.pi * t / self.pan_period + self.pan_phase)))
-        return self.canvas[oy:oy + self.h, ox:ox + self.w].copy()
-
-
-class _Motion:
-    """Where the object is: a slow Lissajous drift around a per-video home position, always fully on screen."""
-
-    def __init__(self, rng: np.random.Generator, width: int, height: int, size: int, fps: int):
-        self.fps = fps
-        free_x, free_y = width - size, height - size
-        self.cx, self.cy = rng.uniform(0.3, 0.7) * free_x, rng.uniform(0.3, 0.7) * free_y
-        self.ax, self.ay = min(self.cx, free_x - self.cx) * 0.6, min(self.cy, free_y - self.cy) * 0.6
-        self.fx, self.fy = rng.uniform(0.08, 0.25), rng.uniform(0.1, 0.3)  # Hz
-        self.px, self.py = rng.uniform(0, 2 * np.pi, 2)
-
-    def at(self, i: int) -> tuple[int, int]:
-        t = i / self.fps
-        x = self.cx + self.ax * math.sin(2 * math.pi * self.fx * t + self.px)
-        y = self.cy + self.ay * math.sin(2 * math.pi * self.fy * t + self.py)
-        return int(round(x)), int(round(y))
-
-
 # ---- sounds -----------------------------------------------------------------------------------------------------
-def _class_sound(k: int, t: np.ndarray, sr: int, rng: np.random.Generator) -> np.ndarray:
-    """Class k's sound at times `t` (seconds), RMS about 0.7 whatever the timbre. A function of absolute time, so
-    gating it per second leaves no seams and only the gated samples need computing."""
-    style = class_style(k)
-    f0 = style.pitch_hz * float(rng.uniform(0.985, 1.015))  # a little per-video detuning
-    if style.timbre == "sine":
-        partials = [(1.0, 1.0), (2.0, 0.3)]
-    elif style.timbre == "odd_harmonics":
-        partials = [(h, 1.0 / h) for h in (1, 3, 5, 7, 9)]
-    elif style.timbre == "all_harmonics":
-        partials = [(h, 1.0 / h) for h in range(1, 9)]
-    else:  # bell: inharmonic partials
-        partials = [(1.0, 1.0), (2.76, 0.6), (5.40, 0.4), (8.93, 0.25)]
-    partials = [(m, a, rng.uniform(0, 2 * np.pi)) for m, a in partials if m * f0 < 0.45 * sr]
-    phase = 2 * np.pi * f0 * t
-    if style.rhythm == "trill":  # vibrato: +-3 % at 6 Hz
-        phase = phase + (0.03 * f0 / 6.0) * np.sin(2 * np.pi * 6.0 * t)
-    x = np.zeros(t.shape)
-    for mult, amp, ph in partials:
-        x += amp * np.sin(mult * phase + ph)
-    x /= math.sqrt(sum(a * a for _, a, _ in partials))
-    if style.rhythm == "tremolo":
-        env = 0.55 + 0.45 * np.sin(2 * np.pi * 4.0 * t)
-    elif style.rhythm == "pulses":  # struck 3 times a second, decaying
-        env = 1.3 * np.exp(-((t * 3.0) % 1.0) * 4.0)
-    elif style.rhythm == "trill":
-        env = 0.7 + 0.3 * np.sin(2 * np.pi * 8.0 * t)
-    else:
-        env = 0.85 + 0.15 * np.sin(2 * np.pi * 0.5 * t)
-    return x * env
-
-
-def _pink_noise(rng: np.random.Generator, n: int) -> np.ndarray:
-    spec = np.fft.rfft(rng.normal(size=n))
-    f = np.arange(spec.size, dtype=np.float64)
-    f[0] = 1
-    x = np.fft.irfft(spec / np.sqrt(f), n)
-    return x / max(1e-9, float(np.max(np.abs(x))))
-
-
 def _gate(per_second: Sequence[bool], sr: int, ramp: int) -> np.ndarray:
     """0/1 per second -> per sample, with `ramp`-sample linear fades at the switches (moving average)."""
     step = np.repeat(np.asarray(per_second, np.float64), sr)
@@ -500,10 +292,10 @@ def _gate(per_second: Sequence[bool], sr: int, ramp: int) -> np.ndarray:
 def render_audio(audio: Sequence[int | None], *, seed: int = 0, sample_rate: int = 44100) -> np.ndarray:
     """Mono float32 track, one second per entry: class sounds where given, a noise bed everywhere, and on some
     silent (None) seconds a louder noise burst."""
-    rng = _rng(seed, 2)
+    rng = seeded_rng(seed, 2)
     n = len(audio) * sample_rate
     ramp = sample_rate // 100  # 10 ms fades
-    noise = _pink_noise(rng, n)
+    noise = pink_noise(rng, n)
     bed_level = float(rng.uniform(0.004, 0.02))
     burst = [a is None and rng.random() < 0.4 for a in audio]
     out = noise * (bed_level + float(rng.uniform(0.05, 0.12)) * _gate(burst, sample_rate, ramp))
@@ -511,7 +303,7 @@ def render_audio(audio: Sequence[int | None], *, seed: int = 0, sample_rate: int
     for k in sorted({a for a in audio if a is not None}):
         gate = _gate([a == k for a in audio], sample_rate, ramp)
         idx = np.flatnonzero(gate)
-        out[idx] += gain * gate[idx] * _class_sound(k, idx / sample_rate, sample_rate, _rng(seed, 3, k))
+        out[idx] += gain * gate[idx] * class_sound(k, idx / sample_rate, sample_rate, seeded_rng(seed, 3, k))
     return np.clip(out, -1, 1).astype(np.float32)
 
 
@@ -548,11 +340,11 @@ def write_video(path: Path, visual: Sequence[int | None], audio: Sequence[int | 
     if missing:
         raise RuntimeError(f"this PyAV/FFmpeg build lacks the encoder(s) {', '.join(missing)}")
 
-    rng = _rng(seed, 1)
-    scene = _Scene(rng, width, height, fps)
+    rng = seeded_rng(seed, 1)
+    scene = Scene(rng, width, height, fps)
     size = int(round(min(width, height) * 0.5 * rng.uniform(0.9, 1.1))) // 2 * 2
-    motion = _Motion(rng, width, height, size, fps)
-    sprites = {k: _sprite(int(k), size) for k in set(visual) if k is not None}
+    motion = Motion(rng, width, height, size, fps)
+    sprites = {k: sprite(int(k), size) for k in set(visual) if k is not None}
 
     samples = render_audio(audio, seed=seed, sample_rate=sample_rate) if audio is not None else None
     frames = []
@@ -565,69 +357,6 @@ def write_video(path: Path, visual: Sequence[int | None], audio: Sequence[int | 
             np.copyto(img[y:y + size, x:x + size], rgb, where=mask)
         frames.append(rgb_to_yuv420(img))
     encode_mp4(path, frames, samples, fps=fps, width=width, height=height, sample_rate=sample_rate)
-
-
-def encode_mp4(path: Path, frames: Sequence[np.ndarray], samples: np.ndarray | None, *, fps: int, width: int,
-               height: int, sample_rate: int) -> None:
-    """yuv420p frames (and a mono float track, or None for no audio stream) -> one MP4, H.264 + AAC, interleaved
-    per second, byte-deterministic (X264_PARAMS), written under a temporary name and renamed."""
-    import av
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            vs = container.add_stream("libx264", rate=fps, options={**X264_OPTIONS, "x264-params": X264_PARAMS})
-            vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
-            vs.codec_context.thread_count = 1  # x264's output depends on its thread count: fix it
-            vs.codec_context.time_base = Fraction(1, fps)
-            if samples is not None:
-                aud = container.add_stream("aac", rate=sample_rate)
-                aud.layout = "mono"
-                aud.bit_rate = 96_000
-                chunk = aud.codec_context.frame_size or 1024
-            audio_pos = 0
-
-            def push_audio(until: int) -> None:  # encode audio up to sample `until`, so the file interleaves
-                nonlocal audio_pos
-                while samples is not None and audio_pos < min(until, samples.size):
-                    frame = av.AudioFrame.from_ndarray(samples[None, audio_pos:audio_pos + chunk], format="fltp",
-                                                       layout="mono")
-                    frame.sample_rate, frame.pts = sample_rate, audio_pos
-                    container.mux(aud.encode(frame))
-                    audio_pos += chunk
-
-            for i, yuv in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-                frame.pts = i
-                container.mux(vs.encode(frame))
-                if (i + 1) % fps == 0:
-                    push_audio((i + 1) // fps * sample_rate)
-            container.mux(vs.encode(None))
-            if samples is not None:
-                push_audio(samples.size)
-                container.mux(aud.encode(None))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def rgb_to_yuv420(rgb: np.ndarray) -> np.ndarray:
-    """uint8 RGB [H,W,3] (H, W even) -> the planar yuv420p layout PyAV takes ([H*3/2, W]: Y, then U, then V).
-
-    BT.601 limited range in integer arithmetic, chroma from the mean of each 2x2 block: FFmpeg's swscale is not
-    involved, so no SIMD path or thread of its own can reach the bitstream."""
-    h, w, _ = rgb.shape
-    x = rgb.astype(np.int32)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
-    q = x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]  # 2x2 sums: 4 x the block mean
-    r, g, b = q[..., 0], q[..., 1], q[..., 2]
-    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128
-    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
-    return np.concatenate([y.astype(np.uint8).ravel(), u.astype(np.uint8).ravel(),
-                           v.astype(np.uint8).ravel()]).reshape(h * 3 // 2, w)
 
 
 # ---- the dataset ------------------------------------------------------------------------------------------------

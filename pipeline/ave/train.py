@@ -1,8 +1,9 @@
 """Training and evaluation of the AVE localizers (the `train` and `evaluate` stages).
 
 The harness talks to a localizer only through its family (`models.registry`: build, loss, per-epoch switches,
-decisions, weights), chosen by `model` (`cace` by default, `aveclip`). The CACE recipe by default = the reference paper run (spec §3): Adam 7e-4, MultiStepLR [10,20,30] x0.5, 200 epochs,
-batch 64, gradient clipping 0.5, the five loss terms, BECE from epoch ceil(epochs/8) with lambda 0.6 and
+decisions, weights), chosen by `model` (`cace` by default, `aveclip`). The CACE recipe by default = the reference
+paper run (spec §3): Adam 7e-4, MultiStepLR [10,20,30] x0.5, 200 epochs, batch 64, gradient clipping 0.5, the five
+loss terms, BECE from epoch ceil(epochs/8) with lambda 0.6 and
 coefficient 1.0. What differs, on purpose:
 - the checkpoint is selected on the validation split and its test accuracy reported; `select_on: test`
   reproduces the reference's best-on-test protocol, and both numbers are always labelled as what they are;
@@ -38,13 +39,20 @@ from pydantic import Field, field_validator, model_validator
 
 from models import derive_targets, family_of, get_family, list_localizers
 from models.registry import LocalizerFamily
-from pipeline.config import StrictModel, dump_config
-from pipeline.errors import UserError
 from pipeline import distributed
 from pipeline.ave.features import FeatureNorm, FeatureSet, SplitData, available_memory, channel_stats
 from pipeline.ave.metrics import localization_metrics, segment_accuracy
-from pipeline.runtime import (autocast, flush_denormals, heap_allocations, load_torch_file, resolve_device,
-                              resolve_precision, seed_everything)
+from pipeline.config import StageConfig, dump_config
+from pipeline.errors import UserError
+from pipeline.runtime import (
+    autocast,
+    flush_denormals,
+    heap_allocations,
+    load_torch_file,
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+)
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
 
 STAGE, VERSION = "train", "3"  # 2: dropout masks drawn from integer bits (models.cace.Dropout); 3: `model` by name
@@ -52,7 +60,11 @@ CHECKPOINT_FORMAT = "avel-localizer/1"  # records the model's name, its config a
 CACE_CHECKPOINT_FORMAT = "avel-cace/1"  # checkpoints written before the registry: always CACE
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(StageConfig):
+    # the key: fields that change the result (the device does not, by intent; the precision that runs does), and
+    # the localizer family's code version
+    key_exclude = ("device", "memory_budget_gb")
+
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(64, ge=1)
@@ -102,13 +114,8 @@ class TrainConfig(StrictModel):
             raise ValueError(f"unknown {self.model} model field(s) {unknown}; known: {', '.join(sorted(known))}")
         return self
 
-    def resolved_precision(self) -> str:
-        return resolve_precision(self.precision, resolve_device(self.device))
-
     def key_fields(self) -> dict:
-        """Fields that change the result (the device does not, by intent; the precision that runs does)."""
-        fields = {k: v for k, v in dump_config(self).items() if k not in ("device", "memory_budget_gb")}
-        return {**fields, "precision": self.resolved_precision(), "model_version": get_family(self.model).version}
+        return {**super().key_fields(), "model_version": get_family(self.model).version}
 
 
 def model_config(fs: FeatureSet, overrides: dict, family: LocalizerFamily | None = None):
@@ -304,7 +311,8 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         torch.set_rng_state(state["torch_rng"])
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
 
-    info = {"seed": cfg.seed, "parameters": family.parameter_count(model), "train_config": dump_config(cfg), "features": fs.digests,
+    info = {"seed": cfg.seed, "parameters": family.parameter_count(model), "train_config": dump_config(cfg),
+            "features": fs.digests,
             "feature_norm": norm.to_dict() if norm is not None else None,
             "classes": fs.class_names, "encoders": {"visual": _public_attrs(fs.visual.attrs),
                                                     "audio": _public_attrs(fs.audio.attrs)}}
@@ -487,34 +495,24 @@ def train_stage(fs: FeatureSet, cfg: TrainConfig, root: Path, *, force: bool = F
     `nproc` > 1: that many processes (DDP, `pipeline.distributed`); this process keeps the store and the lock and
     waits for them. `on_epoch` then runs in rank 0's process: a callback that cannot be pickled there (a closure)
     is replaced by `print_epoch`."""
-    store = ArtifactStore(root)
-    run = store.open(STAGE, VERSION, stage_key_fields(cfg, nproc), fs.digests)
-    if run.is_complete and not force:
-        return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
-    if force:  # also drop last.pt, or the run would "resume" from the finished one
-        run.restart()
-        for name in ("last.pt", "best.pt"):
-            (run.dir / name).unlink(missing_ok=True)
-    run.manifest.warnings = list(fs.notes)
-    try:
+    with ArtifactStore(root).stage(STAGE, VERSION, stage_key_fields(cfg, nproc), fs.digests, force=force) as run:
+        if run.reused:
+            return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
+        run.manifest.warnings = list(fs.notes)
         if nproc > 1:
             callback = distributed.picklable(on_epoch, print_epoch)
             summary = distributed.launch(_train_worker, (fs, cfg, run.dir, callback), nproc,
                                          resolve_device(cfg.device))
         else:
             summary = train_model(fs, cfg, run.dir, on_epoch)
-    except BaseException as e:
-        run.fail(e)
-        raise
-    for name, rel in (("best", "best.pt"), ("last", "last.pt"), ("metrics_csv", "metrics.csv"),
-                      ("metrics", "metrics.json"), ("predictions_test", "predictions_test.csv")):
-        run.add_output(name, rel, sha256=rel.endswith(".pt"))
-    if (run.dir / "curves.png").is_file():
-        run.add_output("curves", "curves.png")
-    run.manifest.metrics = {k: v for k, v in summary.items() if k not in ("test", "notes")}
-    run.manifest.timings.update(train_s_per_epoch=summary["train_s_per_epoch"],
-                                eval_s_per_pass=summary["eval_s_per_pass"])
-    run.complete()
+        for name, rel in (("best", "best.pt"), ("last", "last.pt"), ("metrics_csv", "metrics.csv"),
+                          ("metrics", "metrics.json"), ("predictions_test", "predictions_test.csv")):
+            run.add_output(name, rel, sha256=rel.endswith(".pt"))
+        if (run.dir / "curves.png").is_file():
+            run.add_output("curves", "curves.png")
+        run.manifest.metrics = {k: v for k, v in summary.items() if k not in ("test", "notes")}
+        run.manifest.timings.update(train_s_per_epoch=summary["train_s_per_epoch"],
+                                    eval_s_per_pass=summary["eval_s_per_pass"])
     return TrainResult(run.dir, run.manifest.key, False, run.manifest.metrics)
 
 
@@ -557,29 +555,23 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
 
 def evaluate_stage(checkpoint: Path, fs: FeatureSet, root: Path, split: str = "test", *, force: bool = False,
                    **kw) -> TrainResult:
-    store = ArtifactStore(root)
     # the precision that runs enters the key (auto resolved on this device), the device itself does not
     kw["precision"] = resolve_precision(kw.get("precision", "auto"), resolve_device(kw.get("device", "auto")))
-    run = store.open("evaluate", VERSION, {"split": split, **{k: v for k, v in kw.items() if k != "device"}},
-                     {"checkpoint": file_sha256(checkpoint), **fs.digests})
-    if run.is_complete and not force:
-        return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
-    if force:
-        run.restart()
-    try:
+    config = {"split": split, **{k: v for k, v in kw.items() if k != "device"}}
+    inputs = {"checkpoint": file_sha256(checkpoint), **fs.digests}
+    with ArtifactStore(root).stage("evaluate", VERSION, config, inputs, force=force) as run:
+        if run.reused:
+            return TrainResult(run.dir, run.manifest.key, True, run.manifest.metrics)
         metrics = evaluate(checkpoint, fs, split, out_dir=run.dir, **kw)
-    except BaseException as e:
-        run.fail(e)
-        raise
-    run.add_output("metrics", f"metrics_{split}.json")
-    run.add_output("predictions", f"predictions_{split}.csv")
-    for name, rel in (("confusion", f"confusion_{split}.png"), ("per_class", f"per_class_{split}.png"),
-                      ("report", f"report_{split}.md")):
-        if (run.dir / rel).is_file():
-            run.add_output(name, rel)
-    run.manifest.metrics = {k: metrics[k] for k in ("model", "accuracy", "correct_segments", "segments",
-                                                    "all_background_accuracy", "event", "background",
-                                                    "postprocess", "accuracy_without_postprocess") if k in metrics}
-    run.manifest.warnings = list(fs.notes)
-    run.complete()
+        run.add_output("metrics", f"metrics_{split}.json")
+        run.add_output("predictions", f"predictions_{split}.csv")
+        for name, rel in (("confusion", f"confusion_{split}.png"), ("per_class", f"per_class_{split}.png"),
+                          ("report", f"report_{split}.md")):
+            if (run.dir / rel).is_file():
+                run.add_output(name, rel)
+        run.manifest.metrics = {k: metrics[k] for k in ("model", "accuracy", "correct_segments", "segments",
+                                                        "all_background_accuracy", "event", "background",
+                                                        "postprocess", "accuracy_without_postprocess")
+                                if k in metrics}
+        run.manifest.warnings = list(fs.notes)
     return TrainResult(run.dir, run.manifest.key, False, run.manifest.metrics)

@@ -22,9 +22,10 @@ import torch
 
 from models.dense.targets import Points, assign
 from pipeline.dense.annotations import DenseDataset, load_annotations, normalise_subset
-from pipeline.dense.features import LAYOUT_FILE, UNAV_GRID, TimeGrid, feature_paths, load_video_features
+from pipeline.dense.features import LAYOUT_FILE, feature_paths, load_video_features
 from pipeline.dense.synthetic import ANNOTATIONS
 from pipeline.errors import UserError
+from pipeline.extraction.grids import UNAV_GRID, TimeGrid
 
 
 @dataclass

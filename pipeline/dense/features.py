@@ -1,16 +1,16 @@
-"""Dense feature files in the layout UnAV-100 releases and its loader reads, and the time grid they sit on.
+"""Dense feature files in the layout UnAV-100 releases and its loader reads (the time grid they sit on is
+`pipeline.extraction.grids.TimeGrid`).
 
 One folder, three files per video: `<vid>_rgb.npy` [T, 1024], `<vid>_flow.npy` [T, 1024] (I3D) and
 `<vid>_vggish.npy` [T, 128] (VGGish); visual = rgb (+) flow, both modalities cut to the shorter length
 (`shared/reference/dense-avel-spec.md` §2.3). Folders written by `avel dense extract` hold other files (ResNet-50,
-Cnn14) and a `features.json` that names them; the reader follows it. The grid: step i covers frames [8i, 8i + 24) at 25 fps, i.e. 0.96-s
-windows every 0.32 s, centred at t = 0.32 i + 0.48 s.
+Cnn14) and a `features.json` that names them; the reader follows it. The grid: step i covers frames [8i, 8i + 24)
+at 25 fps, i.e. 0.96-s windows every 0.32 s, centred at t = 0.32 i + 0.48 s.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,32 +20,6 @@ from pipeline.errors import UserError
 MODALITY_FILES = {"rgb": "_rgb.npy", "flow": "_flow.npy", "audio": "_vggish.npy"}
 LAYOUT_FILE = "features.json"  # in a feature folder made by `avel dense extract`: which files form which modality
 UNAV_LAYOUT = {"visual": ["_rgb.npy", "_flow.npy"], "audio": ["_vggish.npy"]}  # the released I3D + VGGish files
-
-
-@dataclass(frozen=True)
-class TimeGrid:
-    """Windows of `window_s` seconds every `stride_s` seconds, the first starting at 0 (UnAV: 24 frames every 8 at
-    25 fps = 0.96 s every 0.32 s; window i is centred at stride_s * i + window_s / 2)."""
-
-    window_s: float = 0.96
-    stride_s: float = 0.32
-
-    def to_grid(self, seconds: float) -> float:
-        """Seconds -> grid units (the index of the window centred there): g = (t - window / 2) / stride."""
-        return (seconds - self.window_s / 2) / self.stride_s
-
-    def to_seconds(self, g: float) -> float:
-        return self.stride_s * g + self.window_s / 2
-
-    def steps(self, duration_s: float) -> int:
-        """Windows that fit in a video of this length (at least 1)."""
-        return max(1, int(np.floor((duration_s - self.window_s) / self.stride_s + 1e-6)) + 1)
-
-    def centres(self, n: int) -> np.ndarray:
-        return self.to_seconds(np.arange(n, dtype=np.float64))
-
-
-UNAV_GRID = TimeGrid()
 
 
 def folder_layout(folder: Path) -> dict[str, list[str]]:

@@ -16,8 +16,8 @@ import torch
 from models.dense.unav import DenseDetector
 from pipeline.dense.data import DenseVideoData
 from pipeline.dense.evaluate import Prediction
-from pipeline.dense.features import TimeGrid
 from pipeline.dense.postprocess import Level, PostprocessConfig, postprocess_video
+from pipeline.extraction.grids import TimeGrid
 from pipeline.runtime import autocast
 
 

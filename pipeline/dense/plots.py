@@ -20,8 +20,8 @@ from typing import Any, Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg", force=False)  # a no-op when another backend was chosen on purpose before us
-import numpy as np  # noqa: E402
 import matplotlib.colors as mcolors  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch, Rectangle  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402
@@ -94,7 +94,8 @@ def _opacity(score: float) -> float:
 
 
 def timeline_png(path: Path, duration: float, predictions: Sequence[Mapping[str, Any]],
-                 class_names: Sequence[str] | Mapping[int, str], ground_truth: Sequence[Mapping[str, Any]] | None = None,
+                 class_names: Sequence[str] | Mapping[int, str],
+                 ground_truth: Sequence[Mapping[str, Any]] | None = None,
                  title: str = "", min_score: float = 0.0) -> Path:
     """One video's events on a time axis from 0 to `duration` seconds; writes the PNG atomically, returns `path`.
 

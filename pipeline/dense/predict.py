@@ -13,33 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from pipeline import media
 from pipeline.dense.data import DenseVideoData, FeatureStats
-from pipeline.dense.extract import SUFFIXES, DenseExtractConfig, extract_video, make_encoders
-from pipeline.dense.features import LAYOUT_FILE, TimeGrid, load_video_features
+from pipeline.dense.extract import SUFFIXES, DenseExtractConfig, make_encoders
+from pipeline.dense.features import LAYOUT_FILE, load_video_features
 from pipeline.dense.infer import video_levels
 from pipeline.dense.postprocess import postprocess_video
 from pipeline.dense.train import load_detector
 from pipeline.errors import UserError
-from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.extraction.engine import FolderWriter, run_videos
+from pipeline.extraction.grids import TimeGrid, WindowGrid
+from pipeline.runtime import default_threads, resolve_device, resolve_precision
 from pipeline.store import write_json_atomic
-
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".mov", ".webm"}
-
-
-def expand_videos(paths: list[Path]) -> list[Path]:
-    """Files as given, folders as the videos they hold (sorted)."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise UserError(f"{p}: no such video file or folder")
-    if not out:
-        raise UserError(f"no videos in {', '.join(map(str, paths))} (looked for {', '.join(sorted(VIDEO_SUFFIXES))})")
-    return out
 
 
 def extraction_config(info: dict, checkpoint: Path, overrides: dict) -> DenseExtractConfig:
@@ -71,7 +55,9 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
     grid = TimeGrid(**info["grid"])
     stats = FeatureStats.from_dict(info.get("feature_stats"))
     classes = info["classes"]
-    visual, audio = make_encoders(cfg)
+    built = make_encoders(cfg)
+    window_grid = WindowGrid(grid, cfg.frames_per_window, cfg.chunk_windows)
+    threads = {m: cfg.threads or default_threads() for m in built}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -82,16 +68,18 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
         write_json_atomic(Path(tmp) / LAYOUT_FILE, {"visual": [SUFFIXES["visual"]], "audio": [SUFFIXES["audio"]]})
         for n, path in enumerate(videos, 1):
             vid = path.stem
-            try:
-                info_v = media.probe(path)
-                steps = extract_video(path, Path(tmp), vid, grid, cfg, visual, audio)
-            except media.MediaError as e:
-                results.append({"video": str(path), "error": str(e)})
+            writer = FolderWriter(Path(tmp), [vid], SUFFIXES)
+            run_videos([(vid, path)], window_grid, built, [writer], threads=threads)
+            record = writer.items[vid]
+            error = next((e for e in record["errors"].values() if e is not None), None)
+            if error is not None:
+                results.append({"video": str(path), "error": error})
                 if progress:
                     progress(n, len(videos), vid)
                 continue
+            steps = record["info"]["steps"]
             v, a = load_video_features(Path(tmp), vid)
-            item = DenseVideoData(vid, v, a, None, None, float(info_v.duration_s))
+            item = DenseVideoData(vid, v, a, None, None, float(record["info"]["duration_s"]))
             if stats is not None:
                 item = stats.apply(item)
             events = postprocess_video(video_levels(model, item.visual, item.audio, precision), grid,

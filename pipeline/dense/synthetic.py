@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dense.annotations import DenseVideo, Event, write_annotations
-from pipeline.dense.features import MODALITY_FILES, UNAV_GRID
+from pipeline.dense.features import MODALITY_FILES
 from pipeline.errors import UserError
+from pipeline.extraction.grids import UNAV_GRID
 
 ANNOTATIONS = "unav100_annotations.json"  # the name the UnAV repository gives its annotation file
 

@@ -29,11 +29,10 @@ from pydantic import Field, field_validator
 
 from models.dense.targets import LossNormalizer, detector_loss, make_points
 from models.dense.unav import DenseDetector, DenseModelConfig, cpu_config
-from pipeline.config import StrictModel, dump_config
+from pipeline.config import StageConfig, dump_config
 from pipeline.dense.data import DenseFeatures, FeatureStats, training_batch
 from pipeline.dense.evaluate import evaluate
 from pipeline.dense.infer import predict_videos, results_json
-from pipeline.dense.postprocess import PostprocessConfig
 from pipeline.errors import UserError
 from pipeline.runtime import autocast, load_torch_file, resolve_device, resolve_precision, seed_everything
 from pipeline.store import ArtifactStore, atomic_path, file_sha256, write_json_atomic
@@ -43,7 +42,7 @@ CHECKPOINT_FORMAT = "avel-dense/1"
 EpochCallback = Callable[[dict], None]
 
 
-class DenseTrainConfig(StrictModel):
+class DenseTrainConfig(StageConfig):
     size: Literal["paper", "cpu"] = "paper"  # the model's widths: UnAV's (512) or spec §8's small CPU size (64)
     model_args: dict[str, Any] = {}  # DenseModelConfig overrides: lcf, lac, embd_dim, arch, ...
     epochs: int = Field(45, ge=1)
@@ -72,10 +71,6 @@ class DenseTrainConfig(StrictModel):
         if unknown:
             raise ValueError(f"unknown dense model field(s) {unknown}; known: {', '.join(sorted(known))}")
         return value
-
-    def key_fields(self) -> dict:
-        fields = {k: v for k, v in dump_config(self).items() if k != "device"}
-        return {**fields, "precision": resolve_precision(self.precision, resolve_device(self.device))}
 
     def detector_config(self, fs: DenseFeatures, absent: list[int]) -> DenseModelConfig:
         dv, da = fs.dims()
@@ -308,28 +303,19 @@ class DenseStageResult:
 def train_stage(fs: DenseFeatures, cfg: DenseTrainConfig, root: Path, *, force: bool = False,
                 on_epoch: EpochCallback | None = None, warnings: list[str] | None = None) -> DenseStageResult:
     """The `dense_train` stage: reused when this config was trained on these features before."""
-    run = ArtifactStore(root).open(STAGE, VERSION, cfg.key_fields(), {"features": fs.digest()})
-    if run.is_complete and not force:
-        return DenseStageResult(run.dir, run.manifest.key, True, run.manifest.metrics)
-    if force:
-        run.restart()
-        for name in ("last.pt", "best.pt"):
-            (run.dir / name).unlink(missing_ok=True)
-    run.manifest.warnings = sorted(set(warnings or []) | set(fs.notes))
-    run.save()
-    try:
+    with ArtifactStore(root).stage(STAGE, VERSION, cfg.key_fields(), {"features": fs.digest()}, force=force) as run:
+        if run.reused:
+            return DenseStageResult(run.dir, run.manifest.key, True, run.manifest.metrics)
+        run.manifest.warnings = sorted(set(warnings or []) | set(fs.notes))
+        run.save()
         summary = train_detector(fs, cfg, run.dir, on_epoch)
-    except BaseException as e:
-        run.fail(e)
-        raise
-    for name, rel in (("best", "best.pt"), ("last", "last.pt"), ("metrics_csv", "metrics.csv"),
-                      ("metrics", "metrics.json"), ("predictions_test", "predictions_test.json")):
-        run.add_output(name, rel, sha256=rel.endswith(".pt"))
-    if (run.dir / "curves.png").is_file():
-        run.add_output("curves", "curves.png")
-    run.manifest.metrics = {k: v for k, v in summary.items() if k != "test"}
-    run.manifest.timings.update(train_s_per_epoch=summary["train_s_per_epoch"])
-    run.complete()
+        for name, rel in (("best", "best.pt"), ("last", "last.pt"), ("metrics_csv", "metrics.csv"),
+                          ("metrics", "metrics.json"), ("predictions_test", "predictions_test.json")):
+            run.add_output(name, rel, sha256=rel.endswith(".pt"))
+        if (run.dir / "curves.png").is_file():
+            run.add_output("curves", "curves.png")
+        run.manifest.metrics = {k: v for k, v in summary.items() if k != "test"}
+        run.manifest.timings.update(train_s_per_epoch=summary["train_s_per_epoch"])
     return DenseStageResult(run.dir, run.manifest.key, False, run.manifest.metrics)
 
 
@@ -356,21 +342,14 @@ def evaluate_checkpoint(checkpoint: Path, fs: DenseFeatures, split: str = "test"
 
 def evaluate_stage(checkpoint: Path, fs: DenseFeatures, root: Path, split: str = "test", *, force: bool = False,
                    **kw) -> DenseStageResult:
-    run = ArtifactStore(root).open("dense_evaluate", VERSION, {"split": split, **{k: v for k, v in kw.items()
-                                                                                  if k != "device"}},
-                                   {"checkpoint": file_sha256(checkpoint), "features": fs.digest()})
-    if run.is_complete and not force:
-        return DenseStageResult(run.dir, run.manifest.key, True, run.manifest.metrics)
-    if force:
-        run.restart()
-    try:
+    config = {"split": split, **{k: v for k, v in kw.items() if k != "device"}}
+    inputs = {"checkpoint": file_sha256(checkpoint), "features": fs.digest()}
+    with ArtifactStore(root).stage("dense_evaluate", VERSION, config, inputs, force=force) as run:
+        if run.reused:
+            return DenseStageResult(run.dir, run.manifest.key, True, run.manifest.metrics)
         metrics = evaluate_checkpoint(checkpoint, fs, split, out_dir=run.dir, **kw)
-    except BaseException as e:
-        run.fail(e)
-        raise
-    run.add_output("metrics", f"metrics_{metrics['split']}.json")
-    run.add_output("predictions", f"predictions_{metrics['split']}.json")
-    run.manifest.metrics = {k: metrics[k] for k in ("split", "mAP", "average_mAP", "average_mAP_0.5:0.9",
-                                                    "videos", "predictions")}
-    run.complete()
+        run.add_output("metrics", f"metrics_{metrics['split']}.json")
+        run.add_output("predictions", f"predictions_{metrics['split']}.json")
+        run.manifest.metrics = {k: metrics[k] for k in ("split", "mAP", "average_mAP", "average_mAP_0.5:0.9",
+                                                        "videos", "predictions")}
     return DenseStageResult(run.dir, run.manifest.key, False, run.manifest.metrics)

@@ -1,11 +1,12 @@
-"""Synthetic untrimmed videos (real MP4 files) in the UnAV-100 layout, made with the AVE generator's engine.
+"""Synthetic untrimmed videos (real MP4 files) in the UnAV-100 layout, made with `pipeline.synth_engine`.
 
-Each class keeps the object and the sound it has in `pipeline.ave.synth` (shape, colour, texture / pitch, timbre,
-rhythm); what is new is time: events start and end anywhere (frame and sample precision), several classes can be on
-screen and audible at once (each class's object drifts around its own home position), and a video lasts 20-120 s.
+Each class keeps the object and the sound the engine gives it (shape, colour, texture / pitch, timbre, rhythm: the
+same as in the AVE generator, `pipeline.ave.synth`); what is new is time: events start and end anywhere (frame and
+sample precision), several classes can be on screen and audible at once (each class's object drifts around its own
+home position), and a video lasts 20-120 s.
 An event is audible AND visible: its label is its visual interval, and its sound plays over the same interval shifted
 by a small audio-visual offset. Distractors (unlabelled) are a class visible without its sound, or audible without
-its object. Deterministic per seed; byte-identical files for the same seed (the AVE engine's x264 settings).
+its object. Deterministic per seed; byte-identical files for the same seed (the engine's x264 settings).
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ import numpy as np
 from pipeline.dense.annotations import DenseVideo, Event, write_annotations
 from pipeline.dense.synthetic import ANNOTATIONS
 from pipeline.errors import UserError
-from pipeline.ave.synth import (AVE_CATEGORIES, MAX_CLASSES, _class_sound, _Motion, _pink_noise, _rng, _Scene, _sprite,
-                            encode_mp4, rgb_to_yuv420)
+from pipeline.synth_engine import (
+    AVE_CATEGORIES,
+    MAX_CLASSES,
+    Motion,
+    Scene,
+    class_sound,
+    encode_mp4,
+    pink_noise,
+    rgb_to_yuv420,
+    seeded_rng,
+    sprite,
+)
 
 VIDEOS = "videos"
 
@@ -103,20 +114,20 @@ def plan_events(rng: np.random.Generator, length: float, cfg: VideoSynthConfig) 
 def render_video(path: Path, length: float, visible: list[Span], audible: list[Span], *, seed: int,
                  cfg: VideoSynthConfig) -> None:
     """One MP4 of `length` s: each class's object on screen over its visible spans, its sound over its audible ones."""
-    rng = _rng(seed, 1)
+    rng = seeded_rng(seed, 1)
     fps, w, h, sr = cfg.fps, cfg.width, cfg.height, cfg.sample_rate
-    scene = _Scene(rng, w, h, fps)
+    scene = Scene(rng, w, h, fps)
     size = int(round(min(w, h) * 0.38)) // 2 * 2
     classes = sorted({s.label_id for s in visible})
     motion = {}
     for j, c in enumerate(classes):  # homes spread over the frame, so that objects on screen together stay apart
-        m = _Motion(_rng(seed, 4, c), w, h, size, fps)
+        m = Motion(seeded_rng(seed, 4, c), w, h, size, fps)
         m.cx = (w - size) * (j + 0.5) / len(classes)
         m.cy = (h - size) * (0.3 + 0.4 * (j % 2))
         m.ax = min(m.ax, (w - size) / (2 * len(classes)) * 0.8, m.cx, w - size - m.cx)
         m.ay = min(m.ay, m.cy, h - size - m.cy)
         motion[c] = m
-    sprites = {c: _sprite(c, size) for c in classes}
+    sprites = {c: sprite(c, size) for c in classes}
     n_frames = max(1, int(round(length * fps)))
     frames = []
     for i in range(n_frames):
@@ -129,16 +140,16 @@ def render_video(path: Path, length: float, visible: list[Span], audible: list[S
                 np.copyto(img[y:y + size, x:x + size], rgb, where=mask)
         frames.append(rgb_to_yuv420(img))
     n = int(round(length * sr))
-    out = _pink_noise(_rng(seed, 2), n) * float(rng.uniform(0.004, 0.02))
+    out = pink_noise(seeded_rng(seed, 2), n) * float(rng.uniform(0.004, 0.02))
     ramp = sr // 100  # 10-ms fades
-    gain = float(rng.uniform(0.2, 0.3))  # several sounds can overlap: a little lower than the AVE engine's
+    gain = float(rng.uniform(0.2, 0.3))  # several sounds can overlap: a little lower than the AVE generator's
     for s in audible:
         a, b = int(round(s.start * sr)), min(n, int(round(s.end * sr)))
         if b - a < 2:
             continue
         idx = np.arange(a, b)
         gate = np.minimum(1.0, np.minimum(idx - a + 1, b - idx) / ramp)
-        out[a:b] += gain * gate * _class_sound(s.label_id, idx / sr, sr, _rng(seed, 3, s.label_id))
+        out[a:b] += gain * gate * class_sound(s.label_id, idx / sr, sr, seeded_rng(seed, 3, s.label_id))
     samples = np.clip(out, -1, 1).astype(np.float32)
     encode_mp4(path, frames, samples, fps=fps, width=w, height=h, sample_rate=sr)
 

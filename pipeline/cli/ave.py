@@ -1,38 +1,31 @@
-"""The `avel` command line. Thin: parses arguments, calls the stage functions, prints with rich.
+"""The AVE task's commands of `avel` (synth, labels, dataset, inspect, train, compare, evaluate, extract, finetune,
+predict, run, demo, schedule). Thin: parses arguments, calls the stage functions, prints with rich.
 
-A `UserError` from anywhere below becomes one `error: ...` line and exit status 2 (no traceback).
+`pipeline.cli` merges `app` into `avel`; the options shared with the dense commands are in `pipeline.cli.options`,
+the flow runner of `avel run` and `avel demo` in `pipeline.cli.runner`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 import yaml
 from rich.console import Console
-from rich.panel import Panel
 from rich.table import Table
 
 from pipeline import ave
-from pipeline.dense.cli import dense_app
+from pipeline.cli import options as opt
+from pipeline.cli.options import NoWaitOption, RootOption, console
 from pipeline.errors import UserError
-from pipeline.store import ArtifactStore, read_manifest, MANIFEST
+from pipeline.store import MANIFEST, ArtifactStore, read_manifest
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Audio-visual event localization on AVE-format data (CACE-Net and beyond).")
+app = typer.Typer()  # no name: its commands are `avel`'s own
 dataset_app = typer.Typer(no_args_is_help=True, help="Look at an AVE-format dataset folder.")
 app.add_typer(dataset_app, name="dataset")
-app.add_typer(dense_app, name="dense")
-console = Console()
 
-DEFAULT_ROOT = Path("artifacts")
-RootOption = typer.Option(DEFAULT_ROOT, "--root", help="Artifact store root.")
-DatasetOption = typer.Option(..., "--dataset", help="AVE-format dataset folder (Annotations.txt, *_order.h5, videos/).")
+DatasetOption = opt.dataset("AVE-format dataset folder (Annotations.txt, *_order.h5, videos/).")
 
 
 # ---- datasets ---------------------------------------------------------------------------------------------------
@@ -92,7 +85,8 @@ def print_dataset_summary(ds: ave.AVEDataset) -> None:
         table.add_row(split, str(len(rows)), str(seg.size), str(int(seg.sum())), str(bg),
                       f"{100 * bg / max(seg.size, 1):.2f} %")
     console.print(table)
-    console.print("classes: " + "; ".join(f"{i} {c}" for i, c in enumerate(ds.classes)) + f"; {ds.background} background")
+    console.print("classes: " + "; ".join(f"{i} {c}" for i, c in enumerate(ds.classes))
+                  + f"; {ds.background} background")
 
 
 # ---- artifacts --------------------------------------------------------------------------------------------------
@@ -171,15 +165,12 @@ def _feature_set(features: Optional[Path], dataset: Optional[Path], visual: Opti
 
 FeaturesOption = typer.Option(None, "--features", help="Folder in the public AVE layout (visual_feature.h5, "
                                                        "audio_feature.h5, labels.h5, *_order.h5).")
-DatasetOpt = typer.Option(None, "--dataset", help="AVE-format dataset whose features this project extracted.")
+DatasetOpt = opt.dataset("AVE-format dataset whose features this project extracted.", required=False)
 VisualOption = typer.Option(None, "--visual", help="Visual feature h5 (with --dataset).")
 AudioOption = typer.Option(None, "--audio", help="Audio feature h5 (with --dataset).")
-ConfigOption = typer.Option(None, "--config", help="Pipeline config YAML (its `train:` section is used).")
-SetOption = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=20 --set model_args.psi=0.3.")
-NoWaitOption = typer.Option(False, "--no-wait", help="If another run is computing an artifact this one needs, end "
-                                                       "at once with an error instead of waiting to reuse it.")
-PrecisionOption = typer.Option(None, "--precision", help="auto (bf16 autocast where the device has native bf16: "
-                                                         "CUDA, or a CPU with AMX/AVX512-BF16; else fp32), fp32, bf16.")
+ConfigOption = opt.config("Pipeline config YAML (its `train:` section is used).")
+SetOption = opt.set_("Override a setting, e.g. --set epochs=20 --set model_args.psi=0.3.")
+PrecisionOption = opt.precision()
 
 
 @app.command()
@@ -190,18 +181,18 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
           model: Optional[str] = typer.Option(None, "--model", help="Localizer: cace (default) or aveclip."),
           seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds, e.g. 1,2,3: mean and std."),
           select_on: Optional[str] = typer.Option(None, "--select-on", help="val (default) or test (reference)."),
-          device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+          device: Optional[str] = opt.device(),
           precision: Optional[str] = PrecisionOption,
-          force: bool = typer.Option(False, help="Retrain even if this config was trained before."),
+          force: bool = opt.force("Retrain even if this config was trained before."),
           no_wait: bool = NoWaitOption,
           nproc: int = typer.Option(1, "--nproc", min=1, help="Training processes (DDP; one GPU each on CUDA): "
                                                                "each takes its share of every batch.")):
     """Train a localizer (CACE with its reference recipe by default) and report val-selected test accuracy."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     from rich.progress import Progress
 
-    from pipeline.config import load_config
     from pipeline.ave.train import TrainConfig, print_epoch, train_seeds
+    from pipeline.config import load_config
 
     overrides = list(set_) + [f"{k}={v}" for k, v in (("model", model), ("epochs", epochs), ("select_on", select_on),
                                                       ("device", device), ("precision", precision)) if v is not None]
@@ -233,7 +224,8 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
             console.print(f"  without post-processing: {m['test_accuracy_without_postprocess']:.2f} % "
                           f"(post-processing {'on' if m['postprocess'] else 'off'} in the number above)")
     if len(results) > 1:
-        console.print(f"{summary['label']}: {summary['test_accuracy_mean']:.2f} +- {summary['test_accuracy_std']:.2f} % "
+        console.print(f"{summary['label']}: {summary['test_accuracy_mean']:.2f} +- "
+                      f"{summary['test_accuracy_std']:.2f} % "
                       f"over seeds {summary['seeds']}")
     console.print(f"test accuracy: {summary['test_accuracy_mean']:.2f} %")
 
@@ -243,17 +235,18 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
             visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
             config: Optional[Path] = ConfigOption, set_: list[str] = SetOption,
             models: str = typer.Option("cace,aveclip", "--models", help="Comma-separated localizer names, each "
-                                       "optionally with overrides: aveclip:multiscale=staged:postprocess.enabled=false."),
+                                       "optionally with overrides: "
+                                       "aveclip:multiscale=staged:postprocess.enabled=false."),
             seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
             epochs: Optional[int] = typer.Option(None, help="Epochs for every model."),
             out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/json (default: "
                                                                    "ROOT/compare/<models>-<features>)."),
-            device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+            device: Optional[str] = opt.device(),
             precision: Optional[str] = PrecisionOption,
-            force: bool = typer.Option(False, help="Retrain runs that exist."),
+            force: bool = opt.force("Retrain runs that exist."),
             no_wait: bool = NoWaitOption):
     """Localizers side by side on the same features, splits, seeds and recipe: accuracy, event F1, size, speed."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     import hashlib
     import json
 
@@ -261,8 +254,8 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
 
     from models import list_localizers
     from pipeline.ave import compare as cmp
-    from pipeline.config import load_config
     from pipeline.ave.train import TrainConfig
+    from pipeline.config import load_config
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in names if cmp.parse_variant(m).model not in list_localizers()]
@@ -302,11 +295,11 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
              visual: Optional[Path] = VisualOption, audio: Optional[Path] = AudioOption, root: Path = RootOption,
              split: str = typer.Option("test", help="Split to evaluate."),
              dtype: str = typer.Option("float32", help="float32 or float64 (the reference's precision)."),
-             device: str = typer.Option("auto", help="auto, cpu, cuda."),
-             precision: str = typer.Option("auto", "--precision", help="auto, fp32 or bf16 (autocast)."),
+             device: str = opt.device("auto"),
+             precision: str = opt.precision("auto", "auto, fp32 or bf16 (autocast)."),
              no_wait: bool = NoWaitOption):
     """Evaluate a checkpoint: segment accuracy (papers' metric), per class, event/background P/R/F1."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     from pipeline.ave.train import evaluate_stage
 
     fs = _feature_set(features, dataset, visual, audio, root)
@@ -323,12 +316,6 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
     console.print(f"{split} accuracy: {m['accuracy']:.2f} %")
 
 
-def _lock_policy(no_wait: bool) -> None:
-    from pipeline.locks import set_wait
-
-    set_wait(not no_wait)
-
-
 def _print_precision(precision: str, device: str) -> None:
     """One line: which precision runs and why (the detection is the CPU's flags or the CUDA device)."""
     from pipeline.runtime import precision_note, resolve_device
@@ -340,35 +327,31 @@ def _print_precision(precision: str, device: str) -> None:
 @app.command()
 def extract(dataset: Path = DatasetOption, root: Path = RootOption,
             modality: Optional[str] = typer.Option(None, help="visual, audio or both (default both)."),
-            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="ResNet-50 weights: "
-                                                          "torchvision ImageNet file, CACE-Net I_state_dict or an "
-                                                          "`avel finetune` output (default: the torch hub cache)."),
-            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 checkpoint "
-                                                         "(default: ~/panns_data/Cnn14_mAP=0.431.pth)."),
-            random_init: bool = typer.Option(False, "--random-init", help="Random encoder weights (testing only)."),
+            resnet_weights: Optional[Path] = opt.resnet_weights("ResNet-50 weights: torchvision ImageNet file, "
+                                                                "CACE-Net I_state_dict or an `avel finetune` output "
+                                                                "(default: the torch hub cache)."),
+            cnn14_weights: Optional[Path] = opt.cnn14_weights("Cnn14 checkpoint (default: "
+                                                              "~/panns_data/Cnn14_mAP=0.431.pth)."),
+            random_init: bool = opt.random_init("Random encoder weights (testing only)."),
             frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment",
                                                              help="Frames averaged per second (AVE: 16)."),
             dtype: Optional[str] = typer.Option(None, help="float32 (default) or float16."),
-            device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
+            device: Optional[str] = opt.device(),
             precision: Optional[str] = PrecisionOption,
             workers: Optional[int] = typer.Option(None, help="Decoding processes."),
-            max_failure_share: Optional[float] = typer.Option(None, "--max-failure-share",
-                                                              help="Exit non-zero if more rows than this fail."),
-            config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `extract:` "
-                                                                         "section)."),
-            set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set threads=2."),
-            cluster: Optional[str] = typer.Option(None, "--cluster", help="Shard over a Dask cluster through "
-                                                  "Prefect: local:N (N local workers; one per GPU) or "
-                                                  "tcp://HOST:8786 (an existing scheduler)."),
-            shard_videos: Optional[int] = typer.Option(None, "--shard-videos", help="Videos per shard (32)."),
-            force: bool = typer.Option(False, help="Recompute even if these features exist."),
+            max_failure_share: Optional[float] = opt.max_failure_share("Exit non-zero if more rows than this fail."),
+            config: Optional[Path] = opt.config("Pipeline config YAML (its `extract:` section)."),
+            set_: list[str] = opt.set_("Override a setting, e.g. --set threads=2."),
+            cluster: Optional[str] = opt.cluster("Shard over a Dask cluster through Prefect: local:N (N local "
+                                                 "workers; one per GPU) or tcp://HOST:8786 (an existing scheduler)."),
+            shard_videos: Optional[int] = opt.shard_videos("Videos per shard (32)."),
+            force: bool = opt.force("Recompute even if these features exist."),
             no_wait: bool = NoWaitOption):
     """Extract ResNet-50 and Cnn14 features (visual.h5, audio.h5 in the AVE layout); resumes an interrupted run."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pipeline.config import load_config, validate
     from pipeline.ave.extract import ExtractConfig, TooManyFailures
     from pipeline.ave.extract import extract as run_extract
 
@@ -377,9 +360,7 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
              "precision": precision,
              "max_failure_share": max_failure_share, "random_init": True if random_init else None,
              "cluster": cluster, "shard_videos": shard_videos}
-    cfg = load_config(ExtractConfig, config, list(set_), section="extract")
-    cfg = validate(ExtractConfig, {**cfg.model_dump(), **{k: v for k, v in given.items() if v is not None}},
-                   "command-line options")
+    cfg = opt.configured(ExtractConfig, config, set_, "extract", given)
     _print_precision(cfg.precision, cfg.device)
     if cfg.random_init:
         console.print(Panel("[bold]RANDOM WEIGHTS[/bold]: --random-init builds the encoders with random weights. "
@@ -440,31 +421,29 @@ def _sharded_extract(dataset: Path, cfg, root: Path, force: bool) -> None:
 # ---- fine-tuning ------------------------------------------------------------------------------------------------
 @app.command()
 def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
-             config: Optional[Path] = typer.Option(None, "--config", help="Pipeline config YAML (its `finetune:` "
-                                                                          "section)."),
-             set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set epochs=5 --set "
-                                                              "crop_size=112 --set frames_per_video=3."),
+             config: Optional[Path] = opt.config("Pipeline config YAML (its `finetune:` section)."),
+             set_: list[str] = opt.set_("Override a setting, e.g. --set epochs=5 --set crop_size=112 --set "
+                                        "frames_per_video=3."),
              audio: Optional[Path] = typer.Option(None, "--audio", help="Audio feature h5 [N,10,D] (default: the "
                                                                         "newest complete audio extraction of this "
                                                                         "dataset in the store)."),
-             resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="Initial ResNet-50 weights "
-                                                           "(default: the ImageNet file in the torch hub cache)."),
-             random_init: bool = typer.Option(False, "--random-init", help="Start from random weights (testing only)."),
+             resnet_weights: Optional[Path] = opt.resnet_weights("Initial ResNet-50 weights (default: the ImageNet "
+                                                                 "file in the torch hub cache)."),
+             random_init: bool = opt.random_init("Start from random weights (testing only)."),
              precision: Optional[str] = PrecisionOption,
-             force: bool = typer.Option(False, help="Fine-tune again even if this run exists (drops its resume "
-                                                    "point)."),
+             force: bool = opt.force("Fine-tune again even if this run exists (drops its resume point)."),
              no_wait: bool = NoWaitOption,
              nproc: int = typer.Option(1, "--nproc", min=1, help="Fine-tuning processes (DDP; one GPU each on "
                                                                   "CUDA): each takes its share of every batch.")):
     """Fine-tune ResNet-50 with InfoNCE on video-level audio/visual pairs (train+val, never test); report
     audio<->visual retrieval recall before/after on held-out videos; save weights for `avel extract`."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.config import load_config
     from pipeline.ave.features import newest_extraction
     from pipeline.ave.finetune import FinetuneConfig, finetune_stage, print_epoch, retrieval_line
+    from pipeline.config import load_config
 
     cfg = load_config(FinetuneConfig, config, list(set_) + ([f"precision={precision}"] if precision else []),
                       section="finetune")
@@ -487,7 +466,8 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
                                 random_init=random_init, force=force, nproc=nproc,
                                 on_epoch=on_epoch if nproc == 1 else print_epoch)
     m = result.metrics
-    console.print(f"{'reused' if result.reused else 'fine-tuned'} {result.dir}: {m.get('train_videos')} training videos "
+    console.print(f"{'reused' if result.reused else 'fine-tuned'} {result.dir}: {m.get('train_videos')} training "
+                  f"videos "
                   f"(train+val), {m.get('heldout_videos')} held out, {len(m.get('excluded_test_overlap', []))} "
                   f"excluded (their ID serves the test split); loss {m['first_epoch_loss']:.4f} -> "
                   f"{m['final_loss']:.4f} over {m['epochs']} epochs", highlight=False, soft_wrap=True)
@@ -521,17 +501,16 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
             model: str = typer.Option(..., "--model", help="A train run folder (<root>/train/<key>, its best.pt is "
                                                              "used), train/<key> in --root, or a checkpoint file."),
             out: Path = typer.Option(Path("predictions"), "--out", help="Folder for the JSON, CSV and PNG files."),
-            dataset: Optional[Path] = typer.Option(None, "--dataset", help="AVE-format dataset: ground truth for "
-                                                                           "videos whose ID (file name) is in it."),
+            dataset: Optional[Path] = opt.dataset("AVE-format dataset: ground truth for videos whose ID (file name) "
+                                                  "is in it.", required=False),
             root: Path = RootOption,
-            device: str = typer.Option("auto", help="auto, cpu, cuda."),
-            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="ResNet-50 weight file, "
-                                                          "if the store and the default location lack it (its "
-                                                          "sha256 must match the checkpoint's)."),
-            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 weight file (sha256 "
-                                                         "checked likewise)."),
-            precision: Optional[str] = typer.Option(None, "--precision", help="The encoders' compute: auto, fp32, "
-                                                    "bf16 (default: as the checkpoint's features were extracted).")):
+            device: str = opt.device("auto"),
+            resnet_weights: Optional[Path] = opt.resnet_weights("ResNet-50 weight file, if the store and the default "
+                                                                "location lack it (its sha256 must match the "
+                                                                "checkpoint's)."),
+            cnn14_weights: Optional[Path] = opt.cnn14_weights("Cnn14 weight file (sha256 checked likewise)."),
+            precision: Optional[str] = opt.precision(help="The encoders' compute: auto, fp32, bf16 (default: as the "
+                                                          "checkpoint's features were extracted).")):
     """Localize events in your own videos: per second, event or background, class and probability (+ a picture)."""
     import numpy as np
 
@@ -609,45 +588,20 @@ def _check_pipeline_inputs(config_path: Path | None, overrides: list[str], force
     return cfg
 
 
-def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool) -> None:
-    import datetime
-    import time
+def _pipeline_run(config_path: Path | None, overrides: list[str], force: list[str]):
+    """The AVE pipeline for the flow runner: inputs checked, the flow to call, what to print after its stages."""
+    from pipeline.cli.runner import FlowRun
 
-    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
-
-    t0 = time.perf_counter()
     cfg = _check_pipeline_inputs(config_path, overrides, force)
-    log = Path(cfg.root) / "logs" / f"pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")  # into the log file, or on the terminal with --verbose
-    quiet = contextlib.nullcontext(console) if verbose else quiet_native_output(log)
-    with quiet as term:
-        random = cfg.extract.random_init
-        if random:
-            term.print(Panel("[bold]RANDOM WEIGHTS[/bold]: this run uses randomly initialised encoders "
-                             "(extract.random_init). Its features, weights and accuracies test the pipeline only; "
-                             "every manifest and report is marked so.", style="bold red"))
-        term.print(f"pipeline: dataset {cfg.dataset.path or 'synthetic ' + str(dict(cfg.dataset.synth))}, store "
-                   f"{cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"), highlight=False, soft_wrap=True)
-        precisions = _stage_precisions(cfg)
-        term.print("; ".join(note if stage == "all" else f"{stage}: {note}" for stage, note in precisions.items()),
-                   highlight=False, soft_wrap=True)
-        term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
-                   highlight=False)
-        with use_reporter(RichReporter(term)):
-            from flows.pipeline import full_pipeline, stop_temporary_server
+    random = cfg.extract.random_init
+    precisions = _stage_precisions(cfg)
 
-            try:
-                result = full_pipeline(config_path=str(config_path) if config_path else None,
-                                       overrides=overrides, force=force)
-            finally:
-                if not verbose:
-                    stop_temporary_server()  # now, while its output still goes to the log
-        table = Table(title=f"pipeline on {result['dataset']}")
-        for col in ("stage", "", "seconds", "key"):
-            table.add_column(col)
-        for o in result["stages"]:
-            table.add_row(o["label"], "reused" if o["reused"] else "computed", f"{o['seconds']:.1f}", o["key"])
-        term.print(table)
+    def flow() -> dict:
+        from flows.pipeline import full_pipeline
+
+        return full_pipeline(config_path=str(config_path) if config_path else None, overrides=overrides, force=force)
+
+    def report(term: Console, result: dict, seconds: float) -> None:
         for w in result["warnings"]:
             if not w.startswith("RANDOM WEIGHTS"):  # said once, above and in the last line
                 term.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
@@ -660,9 +614,18 @@ def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[st
                            f"{row['per seed']})", highlight=False, soft_wrap=True)
             term.print(f"comparison: {result['baseline']['report']}", highlight=False, soft_wrap=True)
         term.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
-                   f"{result['all_background_accuracy']:.2f} %) in {time.perf_counter() - t0:.0f} s, "
+                   f"{result['all_background_accuracy']:.2f} %) in {seconds:.0f} s, "
                    f"precision {'/'.join(sorted({note.split()[1] for note in precisions.values()}))}"
                    + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
+
+    return FlowRun(
+        name="pipeline", root=cfg.root,
+        source=f"dataset {cfg.dataset.path or 'synthetic ' + str(dict(cfg.dataset.synth))}",
+        flow=flow, report=report, table_title=lambda result: f"pipeline on {result['dataset']}",
+        random_banner=("[bold]RANDOM WEIGHTS[/bold]: this run uses randomly initialised encoders "
+                       "(extract.random_init). Its features, weights and accuracies test the pipeline only; "
+                       "every manifest and report is marked so.") if random else None,
+        notes=["; ".join(note if stage == "all" else f"{stage}: {note}" for stage, note in precisions.items())])
 
 
 def _stage_precisions(cfg) -> dict[str, str]:
@@ -677,30 +640,37 @@ def _stage_precisions(cfg) -> dict[str, str]:
     return notes
 
 
-VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's own log lines in the terminal (default: "
-                                                      "into <root>/logs/pipeline-*.log).")
+def _run_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool) -> None:
+    from pipeline.cli.runner import run_flow
+
+    run_flow(lambda: _pipeline_run(config_path, overrides, force), verbose)
+
+
+VerboseOption = opt.verbose("Show Prefect's own log lines in the terminal (default: into "
+                            "<root>/logs/pipeline-*.log).")
+ForceStagesOption = opt.force_stages("Recompute this stage and what depends on it.")
 
 
 @app.command()
-def run(config: Path = typer.Option(..., "--config", help="Pipeline config YAML (see pipeline/ave/demo.yaml)."),
-        set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
-        force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
-        root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config)."),
+def run(config: Path = opt.config("Pipeline config YAML (see pipeline/ave/demo.yaml).", required=True),
+        set_: list[str] = opt.set_("Override, e.g. --set train.epochs=20."),
+        force: list[str] = ForceStagesOption,
+        root: Optional[Path] = opt.root("Artifact store root (overrides the config).", default=None),
         verbose: bool = VerboseOption,
         no_wait: bool = NoWaitOption):
     """Run the full pipeline (Prefect flow): extract -> fine-tune -> re-extract -> train -> evaluate."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     _run_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
 
 
 @app.command()
 def demo(root: Path = RootOption,
-         set_: list[str] = typer.Option([], "--set", help="Override a demo setting, e.g. --set train.epochs=10."),
-         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what depends on it."),
+         set_: list[str] = opt.set_("Override a demo setting, e.g. --set train.epochs=10."),
+         force: list[str] = ForceStagesOption,
          verbose: bool = VerboseOption,
          no_wait: bool = NoWaitOption):
     """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/ave/demo.yaml)."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     from pipeline.ave.pipeline_config import demo_config_path
 
     _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force), verbose)
@@ -708,83 +678,11 @@ def demo(root: Path = RootOption,
 
 @app.command()
 def schedule(cron: str = typer.Option(..., "--cron", help='Cron schedule, e.g. "0 3 * * *".'),
-             config: Path = typer.Option(..., "--config", help="Pipeline config YAML."),
+             config: Path = opt.config("Pipeline config YAML.", required=True),
              name: str = typer.Option("avel-scheduled", help="Deployment name."),
-             set_: list[str] = typer.Option([], "--set", help="Override a setting.")):
+             set_: list[str] = opt.set_("Override a setting.")):
     """Serve the full-pipeline flow on a cron schedule (needs a Prefect server: see the README). Blocks."""
     _check_pipeline_inputs(config, list(set_), [])  # fail now on a bad config, not at 3 am
     from flows.pipeline import full_pipeline
     full_pipeline.serve(name=name, cron=cron, parameters={"config_path": str(config.resolve()),
                                                           "overrides": list(set_)})
-
-
-# Commands that start processes (decoders, DataLoader workers, Prefect's server): a watcher ends them with the command
-STARTS_PROCESSES = {"synth", "extract", "finetune", "train", "compare", "evaluate", "predict", "run", "demo", "schedule"}
-DENSE_STARTS_PROCESSES = {"synth", "extract", "train", "evaluate", "predict", "run", "demo"}
-
-
-def main() -> None:
-    from pipeline.runtime import configure_process
-
-    if len(sys.argv) > 1 and (sys.argv[1] in STARTS_PROCESSES or (sys.argv[1] == "dense" and sys.argv[2:3] and
-                                                                  sys.argv[2] in DENSE_STARTS_PROCESSES)):
-        from pipeline import reaper
-
-        reaper.start()  # before any child process exists, so that each inherits the run's token
-    configure_process()  # before any torch work, so torch's worker threads inherit it
-    try:
-        app()
-    except UserError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (OSError, RuntimeError) as e:  # HDF5 and torch.save report write failures as RuntimeError
-        message = write_error(e)
-        if message is None:
-            raise
-        Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Not sys.exit: after a failed write, HDF5's handles are broken and closing them at interpreter exit can
-        # crash (measured: a segfault after "No space left on device"). What had to be saved is saved.
-        os._exit(2)
-
-
-WRITE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
-                errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
-
-
-def write_error(e: BaseException) -> str | None:
-    """One line for a store that cannot be written (full, over quota, read-only, not ours), naming the folder; None
-    for other errors. HDF5 reports its errno inside the message; torch.save's zip writer says only "file write
-    failed" or "unexpected pos": then the free space of the store decides."""
-    text = str(e)
-    code = getattr(e, "errno", None)
-    if code not in WRITE_ERRNOS:
-        code = next((c for c, t in WRITE_ERRNOS.items() if t in text or f"errno = {c}," in text), None)
-    root = _root_argument()
-    if code is None and any(k in text for k in ("file write failed", "PytorchStreamWriter", "inline_container")):
-        import shutil
-
-        with contextlib.suppress(OSError):
-            if shutil.disk_usage(root).free < 2**20:
-                code = errno.ENOSPC
-    if code is None:
-        return None
-    filename = getattr(e, "filename", None)
-    where = Path(filename).parent if filename else root
-    return (f"cannot write to {where}: {WRITE_ERRNOS[code]}. Nothing unfinished is marked complete; free space (or "
-            f"fix the permissions) there, or point --root at another disk, and run the command again to resume")
-
-
-def _root_argument() -> str:
-    argv = sys.argv
-    for i, arg in enumerate(argv):
-        if arg == "--root" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--root="):
-            return arg.split("=", 1)[1]
-    return str(DEFAULT_ROOT)
-
-
-if __name__ == "__main__":
-    main()

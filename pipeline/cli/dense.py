@@ -1,4 +1,9 @@
-"""`avel dense ...`: the dense (untrimmed, UnAV-100) task's commands. Thin, like `pipeline.cli`."""
+"""`avel dense ...`: the dense (untrimmed, UnAV-100) task's commands (dataset, synth, extract, train, evaluate,
+predict, run, demo). Thin, like the AVE commands in `pipeline.cli.ave`.
+
+`pipeline.cli` adds `dense_app` to `avel` as `dense`; the options shared with the AVE commands are in
+`pipeline.cli.options`, the flow runner of `avel dense run` and `avel dense demo` in `pipeline.cli.runner`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli import options as opt
+from pipeline.cli.options import NoWaitOption, RootOption, console
 from pipeline.errors import UserError
-
 
 dense_app = typer.Typer(no_args_is_help=True, help="Dense AVEL in untrimmed videos (the UnAV-100 layout).")
 dataset_app = typer.Typer(no_args_is_help=True, help="Look at a UnAV-100 annotation file.")
 dense_app.add_typer(dataset_app, name="dataset")
-console = Console()
 
 AnnotationsArg = typer.Argument(..., help="The annotation JSON (UnAV-100 layout), or a folder holding one.")
 
@@ -98,39 +103,44 @@ def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation
 
 
 @dense_app.command()
-def extract(dataset: Path = typer.Option(..., "--dataset", help="Folder with the annotation JSON and videos/<id>.mp4."),
-            root: Path = typer.Option(Path("artifacts"), "--root", help="Artifact store root."),
-            grid: str = typer.Option("unav", help="unav (0.96-s windows every 0.32 s) or 1s."),
-            frames_per_window: int = typer.Option(4, "--frames-per-window", help="ResNet-50 frames averaged per window."),
-            crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Smaller crops for CPU runs (default 224)."),
-            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="ResNet-50 weights file."),
-            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Cnn14 weights file."),
-            random_init: bool = typer.Option(False, "--random-init", help="Random encoders (testing only)."),
-            max_failure_share: float = typer.Option(0.0, "--max-failure-share", help="Share of videos allowed to fail."),
-            device: str = typer.Option("auto", help="auto, cpu, cuda."),
-            precision: str = typer.Option("auto", help="auto, fp32, bf16."),
-            threads: int = typer.Option(0, "--threads", help="CPU threads of the encoders (0: torch's default)."),
-            cluster: Optional[str] = typer.Option(None, "--cluster", help="Shard over a Dask cluster: local:N (N "
-                                                  "local workers, one per GPU with GPUs) or tcp://HOST:8786."),
-            shard_videos: int = typer.Option(8, "--shard-videos", help="Videos per shard with --cluster."),
-            force: bool = typer.Option(False, help="Recompute even if these features exist.")):
+def extract(dataset: Path = opt.dataset("Folder with the annotation JSON and videos/<id>.mp4."),
+            root: Path = RootOption,
+            grid: Optional[str] = typer.Option(None, help="unav (0.96-s windows every 0.32 s) or 1s."),
+            frames_per_window: Optional[int] = typer.Option(None, "--frames-per-window", help="ResNet-50 frames "
+                                                            "averaged per window."),
+            crop_size: Optional[int] = typer.Option(None, "--crop-size", help="Smaller crops for CPU runs (default "
+                                                    "224)."),
+            resnet_weights: Optional[Path] = opt.resnet_weights("ResNet-50 weights file."),
+            cnn14_weights: Optional[Path] = opt.cnn14_weights("Cnn14 weights file."),
+            random_init: bool = opt.random_init("Random encoders (testing only)."),
+            max_failure_share: Optional[float] = opt.max_failure_share("Share of videos allowed to fail."),
+            device: Optional[str] = opt.device(),
+            precision: Optional[str] = opt.precision(help="auto, fp32, bf16."),
+            threads: Optional[int] = opt.threads(),
+            config: Optional[Path] = opt.config("Dense pipeline YAML (its `extract:` section)."),
+            set_: list[str] = opt.set_("Override a setting, e.g. --set random_init=true --set chunk_windows=32."),
+            cluster: Optional[str] = opt.cluster("Shard over a Dask cluster: local:N (N local workers, one per GPU "
+                                                 "with GPUs) or tcp://HOST:8786."),
+            shard_videos: Optional[int] = opt.shard_videos("Videos per shard with --cluster."),
+            force: bool = opt.force("Recompute even if these features exist.")):
     """Dense features of untrimmed videos (ResNet-50 + Cnn14 per window), one .npy per video and modality."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pipeline.config import validate
     from pipeline.dense.extract import DenseExtractConfig, dense_extract
 
-    cfg = validate(DenseExtractConfig, {"grid": grid, "frames_per_window": frames_per_window, "crop_size": crop_size,
-                                        "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
-                                        "random_init": random_init, "max_failure_share": max_failure_share,
-                                        "device": device, "precision": precision, "threads": threads,
-                                        "cluster": cluster, "shard_videos": shard_videos}, "dense extract")
-    if random_init:
+    # the settings: --config's `extract:` section, then --set, then the options given here (an option left out is
+    # None and keeps what the file, --set or DenseExtractConfig says)
+    given = {"grid": grid, "frames_per_window": frames_per_window, "crop_size": crop_size,
+             "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
+             "random_init": True if random_init else None, "max_failure_share": max_failure_share, "device": device,
+             "precision": precision, "threads": threads, "cluster": cluster, "shard_videos": shard_videos}
+    cfg = opt.configured(DenseExtractConfig, config, set_, "extract", given, "dense extract")
+    if cfg.random_init:
         console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; the features are "
                       "for testing the pipeline only.")
-    if cluster:
+    if cfg.cluster:
         r = _sharded_dense_extract(dataset, cfg, root, force)
-        console.print(f"{'reused' if r['reused'] else 'wrote'} the features of {dataset} (sharded on {cluster}, "
+        console.print(f"{'reused' if r['reused'] else 'wrote'} the features of {dataset} (sharded on {cfg.cluster}, "
                       f"{r['failed']} failed) in {r['features']}", highlight=False, soft_wrap=True)
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -150,7 +160,7 @@ def _sharded_dense_extract(dataset: Path, cfg, root: Path, force: bool) -> dict:
     import datetime
 
     from pipeline.config import dump_config
-    from pipeline.dense.shards import plan_shards
+    from pipeline.dense.extract import plan_shards
 
     _, shards = plan_shards(dataset, cfg)  # bad input fails before any cluster starts
     log = Path(root) / "logs" / f"sharded-dense-extract-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
@@ -162,18 +172,9 @@ def _sharded_dense_extract(dataset: Path, cfg, root: Path, force: bool) -> dict:
     return run_quietly(log, lambda: run_sharded_dense_extract(dataset, dump_config(cfg), root, force))
 
 
-NoWaitOption = typer.Option(False, "--no-wait", help="If another run is computing an artifact this one needs, end "
-                                                       "at once with an error instead of waiting to reuse it.")
-RootOption = typer.Option(Path("artifacts"), "--root", help="Artifact store root.")
 FeaturesDirOption = typer.Option(None, "--features", help="Feature folder (default: features/ beside the "
                                                           "annotations): UnAV-100's released I3D+VGGish .npy files, "
                                                           "or one written by `avel dense extract`.")
-
-
-def _lock_policy(no_wait: bool) -> None:
-    from pipeline.locks import set_wait
-
-    set_wait(not no_wait)
 
 
 def _map_table(title: str, m: dict) -> Table:
@@ -194,18 +195,18 @@ def _print_map(m: dict, title: str, prefix: str = "") -> None:
 @dense_app.command()
 def train(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 annotation JSON (or its folder)."),
           features: Optional[Path] = FeaturesDirOption, root: Path = RootOption,
-          config: Optional[Path] = typer.Option(None, "--config", help="Dense pipeline YAML (its `train:` section)."),
-          set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set epochs=20 --set model_args.lcf=true."),
+          config: Optional[Path] = opt.config("Dense pipeline YAML (its `train:` section)."),
+          set_: list[str] = opt.set_("Override, e.g. --set epochs=20 --set model_args.lcf=true."),
           size: Optional[str] = typer.Option(None, help="paper (UnAV widths, default) or cpu (spec §8's small size)."),
           lcf: bool = typer.Option(False, "--lcf", help="LoCo's LCF modulation (our design)."),
           lac: bool = typer.Option(False, "--lac", help="LoCo's LAC window attention (our design)."),
           epochs: Optional[int] = typer.Option(None, help="Epochs (UnAV: 45)."),
           seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, mean and std."),
-          device: Optional[str] = typer.Option(None, help="auto, cpu, cuda."),
-          force: bool = typer.Option(False, help="Retrain even if this config was trained on these features."),
+          device: Optional[str] = opt.device(),
+          force: bool = opt.force("Retrain even if this config was trained on these features."),
           no_wait: bool = NoWaitOption):
     """Train the UnAV baseline (or LoCo with --lcf/--lac), select the epoch on validation, report test mAP once."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -265,7 +266,8 @@ def evaluate(annotations: Path = typer.Option(..., "--annotations", help="UnAV-1
     """mAP at tIoU 0.1:0.9 (ActivityNet-style AP per class), as UnAV-100 reports it: of a predictions file, or of a
     checkpoint run on the features."""
     from pipeline.dense.annotations import load_annotations
-    from pipeline.dense.evaluate import evaluate as run_evaluation, load_predictions
+    from pipeline.dense.evaluate import evaluate as run_evaluation
+    from pipeline.dense.evaluate import load_predictions
     from pipeline.store import write_json_atomic
 
     if (predictions is None) == (checkpoint is None):
@@ -301,14 +303,15 @@ def predict(videos: list[Path] = typer.Argument(..., help="Untrimmed video files
             annotations: Optional[Path] = typer.Option(None, "--annotations", help="An annotation JSON that knows "
                                                        "these videos: their ground truth is drawn too."),
             min_score: float = typer.Option(0.05, "--min-score", help="Events below this score are left out."),
-            resnet_weights: Optional[Path] = typer.Option(None, "--resnet-weights", help="Override the ResNet-50 "
-                                                          "weights recorded in the checkpoint."),
-            cnn14_weights: Optional[Path] = typer.Option(None, "--cnn14-weights", help="Override the Cnn14 weights."),
-            device: str = typer.Option("auto", help="auto, cpu, cuda.")):
+            resnet_weights: Optional[Path] = opt.resnet_weights("Override the ResNet-50 weights recorded in the "
+                                                                "checkpoint."),
+            cnn14_weights: Optional[Path] = opt.cnn14_weights("Override the Cnn14 weights."),
+            device: str = opt.device("auto")):
     """Localize events in your own untrimmed videos: a JSON of events and a timeline picture per video."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from pipeline.dense.predict import expand_videos, predict_files
+    from pipeline.dense.predict import predict_files
+    from pipeline.media import expand_videos
 
     files = expand_videos(videos)
     gt = None
@@ -340,88 +343,73 @@ def predict(videos: list[Path] = typer.Argument(..., help="Untrimmed video files
         raise typer.Exit(1)
 
 
-def _run_dense_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool,
-                        last_line: str = "average mAP") -> None:
-    import contextlib
-    import datetime
-    import os
-    import time
-
-    from rich.panel import Panel
-
+def _dense_pipeline_run(config_path: Path | None, overrides: list[str], force: list[str]):
+    """The dense pipeline for the flow runner: inputs checked, the flow to call, what to print after its stages."""
+    from pipeline.cli.runner import FlowRun
     from pipeline.config import dump_config
     from pipeline.dense.pipeline_config import forced_stages, resolve_dense_config
-    from pipeline.progress import RichReporter, quiet_native_output, use_reporter
 
-    t0 = time.perf_counter()
     cfg = resolve_dense_config(str(config_path) if config_path else None, overrides)  # bad config: fails now
     forced_stages(force)
     if cfg.dataset.path is not None:
         from pipeline.dense.annotations import load_annotations
 
         load_annotations(_annotations(cfg.dataset.path))
-    log = Path(cfg.root) / "logs" / f"dense-pipeline-{datetime.datetime.now():%Y%m%d-%H%M%S}.log"
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
-    quiet = contextlib.nullcontext(console) if verbose else quiet_native_output(log)
-    with quiet as term:
-        random = cfg.extract.random_init and cfg.dataset.features is None
-        if random:
-            term.print(Panel("[bold]RANDOM WEIGHTS[/bold]: this run extracts features with randomly initialised "
-                             "encoders (extract.random_init). Its features, detector and mAP test the pipeline only; "
-                             "every manifest is marked so.", style="bold red"))
-        source = (cfg.dataset.path or cfg.dataset.features
-                  or f"synthetic untrimmed videos {dump_config(cfg)['dataset']['synth']}")
-        term.print(f"dense pipeline: {source}, store {cfg.root}" + ("" if verbose else f"; Prefect's log: {log}"),
-                   highlight=False, soft_wrap=True)
-        term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
-                   highlight=False)
-        with use_reporter(RichReporter(term)):
-            from flows.dense import dense_pipeline
-            from flows.pipeline import stop_temporary_server
+    random = cfg.extract.random_init and cfg.dataset.features is None
 
-            try:
-                result = dense_pipeline(config_path=str(config_path) if config_path else None, overrides=overrides,
-                                        force=force)
-            finally:
-                if not verbose:
-                    stop_temporary_server()
-        table = Table(title="dense pipeline")
-        for col in ("stage", "", "seconds", "key"):
-            table.add_column(col)
-        for o in result["stages"]:
-            table.add_row(o["label"], "reused" if o["reused"] else "computed", f"{o['seconds']:.1f}", o["key"])
-        term.print(table)
+    def flow() -> dict:
+        from flows.dense import dense_pipeline
+
+        return dense_pipeline(config_path=str(config_path) if config_path else None, overrides=overrides,
+                              force=force)
+
+    def report(term: Console, result: dict, seconds: float) -> None:
         term.print(_map_table(f"{result['split']} mAP", result))
         term.print(f"detector: {result['checkpoint']}", highlight=False, soft_wrap=True)
         term.print(f"mean mAP over tIoU 0.5:0.9: {100 * result['average_mAP_high']:.2f} %; "
-                   f"{time.perf_counter() - t0:.0f} s in all", highlight=False)
-        term.print(f"{result['split']} {last_line}: {100 * result['average_mAP']:.2f} % (tIoU 0.1:0.9)"
+                   f"{seconds:.0f} s in all", highlight=False)
+        term.print(f"{result['split']} average mAP: {100 * result['average_mAP']:.2f} % (tIoU 0.1:0.9)"
                    + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
 
+    return FlowRun(
+        name="dense pipeline", root=cfg.root,
+        source=str(cfg.dataset.path or cfg.dataset.features
+                   or f"synthetic untrimmed videos {dump_config(cfg)['dataset']['synth']}"),
+        flow=flow, report=report,
+        random_banner=("[bold]RANDOM WEIGHTS[/bold]: this run extracts features with randomly initialised "
+                       "encoders (extract.random_init). Its features, detector and mAP test the pipeline only; "
+                       "every manifest is marked so.") if random else None)
 
-VerboseOption = typer.Option(False, "--verbose", help="Show Prefect's log lines in the terminal.")
+
+def _run_dense_pipeline(config_path: Path | None, overrides: list[str], force: list[str], verbose: bool) -> None:
+    from pipeline.cli.runner import run_flow
+
+    run_flow(lambda: _dense_pipeline_run(config_path, overrides, force), verbose)
+
+
+VerboseOption = opt.verbose("Show Prefect's log lines in the terminal.")
 
 
 @dense_app.command()
-def run(config: Path = typer.Option(..., "--config", help="Dense pipeline YAML (see pipeline/dense/demo.yaml)."),
-        set_: list[str] = typer.Option([], "--set", help="Override, e.g. --set train.epochs=20."),
-        force: list[str] = typer.Option([], "--force", help="Recompute this stage and what follows: dense_extract, "
-                                                            "dense_train, dense_evaluate."),
-        root: Optional[Path] = typer.Option(None, "--root", help="Artifact store root (overrides the config)."),
+def run(config: Path = opt.config("Dense pipeline YAML (see pipeline/dense/demo.yaml).", required=True),
+        set_: list[str] = opt.set_("Override, e.g. --set train.epochs=20."),
+        force: list[str] = opt.force_stages("Recompute this stage and what follows: dense_extract, dense_train, "
+                                            "dense_evaluate."),
+        root: Optional[Path] = opt.root("Artifact store root (overrides the config).", default=None),
         verbose: bool = VerboseOption, no_wait: bool = NoWaitOption):
     """The dense pipeline (Prefect flow): untrimmed videos -> dense features -> detector -> mAP."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     _run_dense_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
 
 
 @dense_app.command()
 def demo(root: Path = RootOption,
-         set_: list[str] = typer.Option([], "--set", help="Override a demo setting, e.g. --set train.epochs=10."),
-         force: list[str] = typer.Option([], "--force", help="Recompute this stage and what follows."),
+         set_: list[str] = opt.set_("Override a demo setting, e.g. --set train.epochs=10."),
+         force: list[str] = opt.force_stages("Recompute this stage and what follows."),
          verbose: bool = VerboseOption, no_wait: bool = NoWaitOption):
     """The whole dense pipeline on generated untrimmed videos with random encoders, CPU-sized (about 10 minutes
     on 2 cores; pipeline/dense/demo.yaml)."""
-    _lock_policy(no_wait)
+    opt.lock_policy(no_wait)
     from pipeline.dense.pipeline_config import dense_demo_config_path
 
     _run_dense_pipeline(dense_demo_config_path(), [f"root={root}", *set_], list(force), verbose)
