@@ -2,7 +2,7 @@
 
     >>> from extractors import create_extractor, list_extractors
     >>> list_extractors()
-    ['cnn14', 'resnet50']
+    ['cnn14', 'i3d_flow', 'i3d_rgb', 'resnet50', 'vgg19', 'vggish']
     >>> enc = create_extractor("resnet50", random_init=True, frames_per_segment=2)  # doctest: +SKIP
 
 Built-in modules are imported only when their extractor is created (importing panns-inference has side effects,
@@ -16,7 +16,10 @@ import importlib
 
 from extractors.base import Extractor
 
-_BUILTIN = {"resnet50": "extractors.resnet50:ResNet50Extractor", "cnn14": "extractors.cnn14:Cnn14Extractor"}
+_BUILTIN = {"resnet50": "extractors.resnet50:ResNet50Extractor", "cnn14": "extractors.cnn14:Cnn14Extractor",
+            # the field's released feature sets (feature-sets-spec): AVE's VGG-19 + VGGish, UnAV-100's I3D + VGGish
+            "vgg19": "extractors.vgg19:VGG19Extractor", "vggish": "extractors.vggish:VGGishExtractor",
+            "i3d_rgb": "extractors.i3d:I3DRGBExtractor", "i3d_flow": "extractors.i3d:I3DFlowExtractor"}
 _REGISTERED: dict[str, type[Extractor]] = {}
 
 

@@ -55,3 +55,36 @@ class Extractor(ABC):
     def extract(self, raw: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Convenience: one video -> [S, *segment_shape]."""
         return self.encode(self.prepare(raw))
+
+
+class ClipExtractor(ABC):
+    """An encoder that windows a whole clip itself, as the released feature sets' recipes do (VGGish: 0.96-s examples
+    every `hop_s`; I3D: 24-frame windows every 8 frames at 25 fps). Its rows do not follow a grid the engine
+    imposes: `encode_clip` returns however many rows the recipe gives ([T, *segment_shape] float32), and the
+    task's writer stores them as they are (the public layouts do).
+
+    `source` is what the feature set's decoding recipe produced for the clip (see `pipeline.extraction.recipes`):
+    visual: an iterable of uint8 RGB frames [H, W, 3] at the recipe's frame rate; audio: (samples float64 mono in
+    [-1, 1), sample rate)."""
+
+    name: ClassVar[str]
+    modality: ClassVar[str]
+    weights: WeightsInfo
+    segment_shape: tuple[int, ...]
+    hop_s: float  # seconds between consecutive rows
+    precision: str
+
+    def __init__(self, weights: Path | None = None, *, random_init: bool = False, seed: int = 0,
+                 device: str | torch.device = "cpu", precision: str = "auto"):
+        self.device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        self.precision = resolve_precision(precision, self.device)
+        self.seed = seed
+
+    @abstractmethod
+    def encode_clip(self, source) -> np.ndarray:
+        """The whole clip -> float32 rows [T, *segment_shape]."""
+
+    def describe(self) -> dict:
+        return {"encoder": self.name, "modality": self.modality, "weights": self.weights.to_dict(),
+                "segment_shape": list(self.segment_shape), "hop_s": self.hop_s, "device": str(self.device),
+                "precision": self.precision}

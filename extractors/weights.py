@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -51,6 +51,7 @@ class WeightsInfo:
     random_init: bool
     seed: int | None = None
     source: str = ""  # "explicit", "default location" or "random init"
+    identity: str = ""  # the published file its digest matches, or "unknown: ..." (encoders with published digests)
 
     @property
     def id(self) -> str:
@@ -62,8 +63,11 @@ class WeightsInfo:
         return RANDOM_INIT if self.random_init else str(self.sha256)
 
     def to_dict(self) -> dict:
-        return {"encoder": self.encoder, "path": str(self.path) if self.path else None, "sha256": self.sha256,
-                "random_init": self.random_init, "seed": self.seed, "source": self.source}
+        out = {"encoder": self.encoder, "path": str(self.path) if self.path else None, "sha256": self.sha256,
+               "random_init": self.random_init, "seed": self.seed, "source": self.source}
+        if self.identity:  # only encoders with published digests say it (older manifests stay as they were)
+            out["identity"] = self.identity
+        return out
 
 
 def default_resnet50_path() -> Path:
@@ -74,58 +78,122 @@ def default_cnn14_path() -> Path:
     return Path.home() / "panns_data" / CNN14_FILE
 
 
-_HOW = {
-    "resnet50": lambda p: (f"ResNet-50 weights not found: put {RESNET50_FILE} (torchvision's ImageNet "
-                           f"IMAGENET1K_V2 file) in {p.parent}/ (torch.hub.get_dir()/checkpoints), or pass "
-                           f"--resnet-weights FILE (ImageNet or a fine-tuned checkpoint), or --random-init to "
-                           f"test with random weights"),
-    "cnn14": lambda p: (f"Cnn14 weights not found: put {CNN14_FILE} (PANNs AudioSet checkpoint, "
-                        f"https://zenodo.org/record/3987831) in {p.parent}/, or pass --cnn14-weights FILE, or "
-                        f"--random-init to test with random weights"),
-}
-_FLAG = {"resnet50": "--resnet-weights", "cnn14": "--cnn14-weights"}
-_DEFAULTS = {"resnet50": default_resnet50_path, "cnn14": default_cnn14_path}
+@dataclass(frozen=True)
+class WeightRules:
+    """Where an encoder's weight file lives by default, the CLI flag that names another, what to tell a user whose
+    file is missing, and the published digests that identify the genuine files ({hex digest: what it is}; md5 or
+    sha256, whichever the publisher gives). A file whose digest is not among them still loads (a fine-tuned or
+    converted file can be right) but its manifest and a warning say it is unknown."""
+
+    default_path: Callable[[], Path]
+    flag: str
+    how: Callable[[Path], str]
+    published: dict[str, str] = field(default_factory=dict)  # full sha256, md5, or an 8-digit sha256 prefix
+
+
+_RULES: dict[str, WeightRules] = {}
+
+
+def register_weight_rules(encoder: str, rules: WeightRules) -> None:
+    """Make `locate_weights(encoder, ...)` work: each encoder module registers its rules at import."""
+    _RULES[encoder] = rules
+
+
+register_weight_rules("resnet50", WeightRules(
+    default_resnet50_path, "--resnet-weights",
+    lambda p: (f"ResNet-50 weights not found: put {RESNET50_FILE} (torchvision's ImageNet IMAGENET1K_V2 file) in "
+               f"{p.parent}/ (torch.hub.get_dir()/checkpoints), or pass --resnet-weights FILE (ImageNet or a "
+               f"fine-tuned checkpoint), or --random-init to test with random weights")))
+register_weight_rules("cnn14", WeightRules(
+    default_cnn14_path, "--cnn14-weights",
+    lambda p: (f"Cnn14 weights not found: put {CNN14_FILE} (PANNs AudioSet checkpoint, "
+               f"https://zenodo.org/record/3987831) in {p.parent}/, or pass --cnn14-weights FILE, or "
+               f"--random-init to test with random weights")))
+# ResNet-50 and Cnn14 list no published digests here: an identity field would enter their extractors' descriptions,
+# which dense feature folders record and the dense detector's key digests (their keys must not move).
+
+
+def default_weights_path(encoder: str) -> Path | None:
+    """Where `encoder`'s weight file is looked for when none is given (None: no rules for it)."""
+    return _RULES[encoder].default_path() if encoder in _RULES else None
 
 
 def has_weight_rules(encoder: str) -> bool:
     """Whether `locate_weights` knows where `encoder`'s weight file lives and how to check it."""
-    return encoder in _DEFAULTS
+    return encoder in _RULES
+
+
+def file_identity(path: Path, rules: WeightRules, sha256: str) -> str:
+    """What the file is, by its digest: the published file it matches, or "unknown" (recorded, warned)."""
+    if not rules.published:
+        return ""
+    if sha256 in rules.published:
+        return rules.published[sha256]
+    for digest, what in rules.published.items():  # torch hub names carry the sha256's first 8 hex digits
+        if len(digest) == 8 and sha256.startswith(digest):
+            return what
+    md5s = {d for d in rules.published if len(d) == 32}
+    if md5s and _file_md5(path) in md5s:
+        return rules.published[_file_md5(path)]
+    return "unknown: not a published file (a converted or fine-tuned file can still be right)"
 
 
 def locate_weights(encoder: str, path: Path | None = None, *, random_init: bool = False, seed: int = 0,
                    hash_file: bool = True) -> WeightsInfo:
-    """Find the weight file of `encoder` ("resnet50" or "cnn14") and hash it; random init only when asked."""
-    if encoder not in _DEFAULTS:
-        raise ValueError(f"no weight rules for encoder {encoder!r}; known: {', '.join(_DEFAULTS)}")
+    """Find the weight file of `encoder` (one with registered rules) and hash it; random init only when asked."""
+    if encoder not in _RULES:
+        raise ValueError(f"no weight rules for encoder {encoder!r}; known: {', '.join(_RULES)}")
+    rules = _RULES[encoder]
     if random_init:
         if path is not None:
-            raise UserError(f"both {_FLAG[encoder]} {path} and --random-init were given; choose one")
+            raise UserError(f"both {rules.flag} {path} and --random-init were given; choose one")
         return WeightsInfo(encoder, None, None, True, seed, "random init")
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
-            raise UserError(f"{path}: {encoder} weight file not found ({_FLAG[encoder]}); check the path")
+            raise UserError(f"{path}: {encoder} weight file not found ({rules.flag}); check the path")
         source = "explicit"
     else:
-        path = _DEFAULTS[encoder]()
+        path = rules.default_path()
         if not path.is_file():
-            raise UserError(_HOW[encoder](path))
+            raise UserError(rules.how(path))
         source = "default location"
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file (an interrupted download?); replace it with the real {encoder} "
                         f"weights")
-    return WeightsInfo(encoder, path, weights_sha256(path) if hash_file else None, False, None, source)
+    sha = weights_sha256(path) if hash_file else None
+    identity = file_identity(path, rules, sha) if sha else ""
+    return WeightsInfo(encoder, path, sha, False, None, source, identity)
 
 
 _SHA256_SEEN: dict[tuple, str] = {}
+_MD5_SEEN: dict[tuple, str] = {}
+
+
+def _stamp(path: Path) -> tuple:
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _file_md5(path: Path) -> str:
+    """The file's md5 (Keras publishes md5s), once per process while the file is unchanged, as `weights_sha256`."""
+    import hashlib
+
+    stamp = _stamp(path)
+    if stamp not in _MD5_SEEN:
+        h = hashlib.md5()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        _MD5_SEEN[stamp] = h.hexdigest()
+    return _MD5_SEEN[stamp]
 
 
 def weights_sha256(path: Path) -> str:
     """The file's sha256, computed once per process while the file is unchanged (same inode, size and mtime): a
     Dask worker locates the weights for every shard it runs, and hashing ~100 MB per shard and encoder would cost
     more than a small shard's videos."""
-    st = Path(path).stat()
-    stamp = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    stamp = _stamp(path)
     if stamp not in _SHA256_SEEN:
         _SHA256_SEEN[stamp] = file_sha256(path)
     return _SHA256_SEEN[stamp]
@@ -143,11 +211,11 @@ def read_checkpoint(path: Path, what: str, trusted_sha256: str | None = None) ->
                         f"with torch.save holding tensors only") from None
 
 
-def _tensor_dict(obj: Any) -> bool:
+def is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _strip_prefix(sd: Mapping[str, torch.Tensor], prefixes=("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes=("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
         for p in prefixes:
@@ -163,15 +231,15 @@ def resnet50_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], 
         sd, fmt = obj.get("state_dict"), TRUNK_FORMAT
     elif isinstance(obj, Mapping) and "I_state_dict" in obj:
         sd, fmt = obj["I_state_dict"], "cace-net I_state_dict"
-    elif isinstance(obj, Mapping) and not _tensor_dict(obj) and _tensor_dict(obj.get("state_dict")):
+    elif isinstance(obj, Mapping) and not is_tensor_dict(obj) and is_tensor_dict(obj.get("state_dict")):
         sd, fmt = obj["state_dict"], "state_dict"
     else:
         sd, fmt = obj, "torchvision"
-    if not _tensor_dict(sd):
+    if not is_tensor_dict(sd):
         keys = list(obj.keys())[:8] if isinstance(obj, Mapping) else type(obj).__name__
         raise UserError(f"{path}: not a ResNet-50 checkpoint (found {keys}); expected a torchvision state dict, "
                         f"a CACE-Net {{'I_state_dict': ...}} file or an `avel finetune` output")
-    sd = _strip_prefix(sd)
+    sd = strip_prefix(sd)
     if any(re.match(r"^[0-9]+\.", k) for k in sd):  # Sequential(children[:-2]) numbering
         renamed = {}
         for k, v in sd.items():
@@ -218,9 +286,9 @@ def read_cnn14_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a PANNs Cnn14 checkpoint: no 'model' entry (found {found}); the AudioSet file "
                         f"{CNN14_FILE} is a dict whose 'model' entry is the state dict")
     sd = obj["model"]
-    if not _tensor_dict(sd):
+    if not is_tensor_dict(sd):
         raise UserError(f"{path}: the 'model' entry is not a state dict of tensors")
-    return _strip_prefix(sd)
+    return strip_prefix(sd)
 
 
 def load_cnn14_weights(model: torch.nn.Module, path: Path,

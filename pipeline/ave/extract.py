@@ -54,9 +54,10 @@ from pipeline.ave.dataset import FEATURE_KEY
 from pipeline.errors import UserError
 from pipeline.extraction import encoders, shards
 from pipeline.extraction.engine import ProgressFn, run_videos
-from pipeline.extraction.grids import SegmentGrid
+from pipeline.extraction.feature_sets import FeatureSet, feature_set
+from pipeline.extraction.grids import RecipeGrid, SegmentGrid
 from pipeline.extraction.settings import ExtractSettings
-from pipeline.runtime import default_threads, resolve_device, resolve_precision
+from pipeline.runtime import default_threads, resolve_device
 from pipeline.store import ArtifactStore, Manifest, StageRun, stage_key
 
 # Bump when the output for the same inputs changes (sampler, length rule, layout). 2: encoders in channels_last
@@ -93,13 +94,23 @@ class ExtractConfig(ExtractSettings):
     def modalities(self) -> tuple[str, ...]:
         return MODALITIES if self.modality == "both" else (self.modality,)
 
+    def released(self) -> FeatureSet | None:
+        """The released feature set named by `feature_set` (None for this project's `cace`)."""
+        return None if self.feature_set == "cace" else feature_set(self.feature_set, "ave")
+
     def encoder(self, modality: str) -> str:
+        if self.released():
+            return self.released().stream(modality).encoder
         return self.visual_encoder if modality == "visual" else self.audio_encoder
 
     def encoder_spec(self, modality: str) -> encoders.EncoderSpec:
+        if self.released():
+            return self.stream_spec(self.released().stream(modality))
         return self.spec(modality, self.encoder(modality), self.frames_per_segment)
 
-    def grid(self) -> SegmentGrid:
+    def grid(self) -> SegmentGrid | RecipeGrid:
+        if self.released():
+            return RecipeGrid(tuple((s.name, s.recipe) for s in self.released().streams), self.decode_mode)
         return SegmentGrid(frames_per_segment=self.frames_per_segment, segments=ave.SEGMENTS)
 
     def key_fields(self, modality: str) -> dict:
@@ -135,9 +146,15 @@ class TooManyFailures(UserError):
 
 # ---- keys and plans ---------------------------------------------------------------------------------------------
 def key_config(cfg: ExtractConfig, modality: str, device: torch.device) -> dict:
-    """The config fields that change this modality's output (and nothing else)."""
-    out = {"encoder": cfg.encoder(modality), "dtype": cfg.dtype, "precision": resolve_precision(cfg.precision, device),
+    """The config fields that change this modality's output (and nothing else). The `cace` set's keys are those
+    of before feature sets existed."""
+    out = {"encoder": cfg.encoder(modality), "dtype": cfg.dtype, "precision": cfg.precision_on(device),
            "window_start": 0, "segments": ave.SEGMENTS}
+    released = cfg.released()
+    if released:
+        stream = released.stream(modality)
+        return {**out, "feature_set": released.name, "recipe": stream.recipe, "decode_mode": cfg.decode_mode,
+                **stream.options}
     if modality == "visual":
         out["frames_per_segment"] = cfg.frames_per_segment
         if cfg.crop_size is not None:
@@ -406,7 +423,11 @@ def _file_attrs(plan: StagePlan, encoder: dict, cfg: ExtractConfig, digest: str)
              "seed": cfg.seed, "dtype": cfg.dtype, "segments": ave.SEGMENTS, "precision": plan.config["precision"],
              "dataset_digest": digest, "rows": "row i = line i of Annotations.txt",
              "torch_threads": cfg.threads or default_threads()}
-    if plan.modality == "visual":
+    released = cfg.released()
+    if released:  # a released set's recipe: what the manifest's recipe record says, in the file too
+        attrs.update({"feature_set": released.name, "decode_mode": cfg.decode_mode,
+                      "recipe": released.stream(plan.modality).recipe, **released.stream(plan.modality).options})
+    elif plan.modality == "visual":
         attrs["frames_per_segment"] = cfg.frames_per_segment
         crop = encoder.get("preprocessing", {}).get("crop_size")
         if crop:  # what predict must rebuild the encoder with
@@ -414,6 +435,22 @@ def _file_attrs(plan: StagePlan, encoder: dict, cfg: ExtractConfig, digest: str)
     else:
         attrs["sample_rate"] = media.SAMPLE_RATE
     return attrs
+
+
+def recipe_record(cfg) -> dict:
+    """What a released set's manifest records of the tools behind its numbers (the spec's sources of mismatch:
+    decoder, ffmpeg build, resampler version, OpenCV, the frame-index rule)."""
+    from importlib import metadata
+
+    from pipeline.extraction import recipes
+
+    out = {"feature_set": cfg.feature_set, "decode_mode": cfg.decode_mode}
+    if cfg.decode_mode == "faithful":
+        out["ffmpeg"] = recipes.ffmpeg_info()
+    for lib in ("resampy", "opencv-python-headless", "soundfile", "imageio-ffmpeg", "decord", "av", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[lib] = metadata.version(lib)
+    return out
 
 
 def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path = Path("artifacts"), *,
@@ -453,6 +490,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
 
     writers: dict[str, RowWriter] = {}
     failures = []
+    workers = 0 if cfg.released() else cfg.workers  # a recipe decodes while it encodes: no decoding workers
     with contextlib.ExitStack() as stack:
         try:
             for m, plan in todo.items():
@@ -462,8 +500,10 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
                     continue
                 writer = RowWriter(m, described[m], run, ds, cfg, _file_attrs(plan, described[m], cfg, digest))
                 run.manifest.metrics["encoder"] = described[m]
-                run.manifest.metrics["run"] = {"device": str(device), "workers": cfg.workers,
+                run.manifest.metrics["run"] = {"device": str(device), "workers": workers,
                                                "max_failure_share": cfg.max_failure_share}
+                if cfg.released():
+                    run.manifest.metrics["recipe"] = recipe_record(cfg)
                 warning = _random_lineage_warning(plan, described[m]["encoder"])
                 if warning and warning not in run.manifest.warnings:
                     run.manifest.warnings.insert(0, warning)
@@ -478,7 +518,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
             elif writers:
                 stats = run_videos([(vid, ds.video_path(vid)) for vid in ds.video_ids()], cfg.grid(),
                                    {m: built[m] for m in writers}, list(writers.values()),
-                                   threads={m: w.threads for m, w in writers.items()}, workers=cfg.workers,
+                                   threads={m: w.threads for m, w in writers.items()}, workers=workers,
                                    decode_threads=cfg.decode_threads, progress=progress)
             for m, writer in writers.items():
                 results[m] = _finish(store, writer, stats.get(m, {}), cfg, len(ds), t_start)
@@ -592,7 +632,9 @@ def extract_shard(dataset_dir: Path, cfg: ExtractConfig, modalities: list[str], 
     ds = load_video_dataset(dataset_dir)
     device = resolve_device(cfg.device)
     threads = cfg.threads or default_threads()
-    plans = plan_stages(ds, cfg.model_copy(update={"modality": "both"}), device)
+    # only the modalities asked for: a re-extraction of the fine-tuned visual features has no audio weights to locate
+    plans = plan_stages(ds, cfg.model_copy(update={"modality": modalities[0] if len(modalities) == 1 else "both"}),
+                        device)
     out, todo, built = {}, {}, {}
     for m in modalities:
         part = shards.Part(root, STAGES[m], plans[m].key, index, videos, {m: PART_FILES[m]})

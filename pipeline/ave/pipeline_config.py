@@ -70,6 +70,13 @@ class PipelineConfig(StrictModel):
 
     def comparison_seeds(self) -> list[int]:
         return self.baseline_seeds or [self.train.seed + i for i in range(3)]
+
+    @model_validator(mode="after")
+    def _finetune_fits_the_feature_set(self):
+        if self.extract.feature_set != "cace" and not self.skip_finetune:
+            raise ValueError(f"the InfoNCE fine-tuning trains ResNet-50, the cace set's encoder; with "
+                             f"extract.feature_set {self.extract.feature_set} set skip_finetune: true")
+        return self
     train: TrainConfig = TrainConfig()
     evaluate_split: Literal["val", "test"] = "test"
 

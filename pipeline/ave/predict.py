@@ -49,7 +49,8 @@ BACKGROUND = "background"
 THUMB_HEIGHT = 96  # pixels of the timeline's frame thumbnails
 DISPLAY_SAMPLES = 4_800_000  # at most this many audio samples are kept for the picture (decimated)
 FEATURE_CHUNK_FRAMES = 64  # frames per ResNet-50 forward (rounded to whole segments)
-WEIGHT_FLAGS = {"resnet50": "--resnet-weights", "cnn14": "--cnn14-weights"}
+WEIGHT_FLAGS = {"resnet50": "--resnet-weights", "cnn14": "--cnn14-weights", "vgg19": "--vgg19-weights",
+                "vggish": "--vggish-weights"}
 DEFAULT_EXTRACT_SEED = 0  # ExtractConfig.seed's default
 
 
@@ -171,10 +172,11 @@ def _weights_in_store(sha: str, roots: Sequence[Path]) -> list[Path]:
 
 
 def _default_weights(encoder: str) -> Path | None:
-    from extractors import weights as W
+    from extractors import get_extractor_class
+    from extractors.weights import default_weights_path
 
-    fn = {"resnet50": W.default_resnet50_path, "cnn14": W.default_cnn14_path}.get(encoder)
-    return fn() if fn else None
+    get_extractor_class(encoder)  # its module registers its weight rules
+    return default_weights_path(encoder)
 
 
 def _extraction_seed(attrs: dict, roots: Sequence[Path]) -> tuple[int, str]:
@@ -249,15 +251,33 @@ def plan_encoder(modality: str, attrs: dict, explicit: Path | None, roots: Seque
                     f"{default}). Pass the weight file with {flag} FILE")
 
 
+def plan_released(modality: str, set_name: str, explicit: Path | None, random_init: bool, seed: int) -> EncoderPlan:
+    """The encoder of a released feature set's `modality` (a checkpoint trained on AVE's released files records none):
+    its weight file given or at its default location, identity-checked against the published digests, or random."""
+    from pipeline.extraction.encoders import EncoderSpec, locate
+    from pipeline.extraction.feature_sets import feature_set
+
+    stream = feature_set(set_name, "ave").stream(modality)
+    w = locate(EncoderSpec(stream.encoder, modality, explicit), random_init=random_init, seed=seed)
+    source = w.source + (f" ({w.identity})" if w.identity else "")
+    return EncoderPlan(modality=modality, encoder=stream.encoder, random_init=w.random_init, weights=w.path,
+                       sha256=w.sha256, seed=seed, frames_per_segment=stream.options.get("frames_per_segment"),
+                       crop_size=None, dtype="float32", precision="fp32", source=source)
+
+
 # ---- the localizer with its encoders ------------------------------------------------------------------------------
 def build_encoder(plan: EncoderPlan, device: torch.device, precision: str | None):
     """The encoder `plan` names, built by the extraction engine's rules (`pipeline.extraction.encoders`); `precision`
     None: the one the checkpoint's features were extracted with."""
     from extractors.weights import WeightsInfo
     from pipeline.extraction.encoders import EncoderSpec, build
+    from pipeline.extraction.feature_sets import FEATURE_SETS
 
     options = {}
-    if plan.modality == "visual":
+    released = [s for s in FEATURE_SETS["ave"].streams if s.encoder == plan.encoder]
+    if released:  # AVE's released recipe: VGG-19 on 16 frames a second, VGGish's first ten 0.96-s examples
+        options.update(released[0].options)
+    elif plan.modality == "visual":
         options["frames_per_segment"] = plan.frames_per_segment or media.FRAMES_PER_SEGMENT
         if plan.crop_size:
             options["crop_size"] = plan.crop_size
@@ -276,9 +296,13 @@ class Localizer:
 
     def __init__(self, checkpoint: Path, *, device: str = "auto", root: Path | None = None,
                  resnet_weights: Path | None = None, cnn14_weights: Path | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, feature_set: str | None = None, random_init: bool = False,
+                 vgg19_weights: Path | None = None, vggish_weights: Path | None = None):
         """`precision`: the encoders' compute ("auto", "fp32", "bf16"); None = the one the checkpoint's training
-        features were extracted with, so that predictions see features computed as the model saw them."""
+        features were extracted with, so that predictions see features computed as the model saw them.
+        `feature_set="ave"`: the checkpoint was trained on AVE's released VGG-19 + VGGish features (the released
+        CACE-Net model is): those encoders are built from `vgg19_weights` / `vggish_weights` or their default
+        locations (`random_init`: random, for tests)."""
         from pipeline.ave.features import FeatureNorm
         from pipeline.ave.train import load_model
 
@@ -291,11 +315,24 @@ class Localizer:
         self.notes: list[str] = []
         self.roots = _store_roots(self.checkpoint, root)
         encoders = info.get("encoders") or {}
-        explicit = {"visual": resnet_weights, "audio": cnn14_weights}
-        if not encoders:
-            encoders = self._assume_encoders(cfg)
-        self.plans = {m: plan_encoder(m, dict(encoders.get(m) or {}), explicit[m], self.roots)
-                      for m in ("visual", "audio")}
+        explicit = {"visual": vgg19_weights or resnet_weights, "audio": vggish_weights or cnn14_weights}
+        if feature_set not in (None, "cace"):
+            if encoders:
+                raise UserError(f"{self.checkpoint} records the encoders its features came from "
+                                f"({encoders['visual'].get('encoder')}, {encoders['audio'].get('encoder')}); "
+                                f"--feature-set is for checkpoints trained on released features, which record none")
+            given = {"visual": vgg19_weights, "audio": vggish_weights}
+            self.plans = {m: plan_released(m, feature_set, given[m], random_init, DEFAULT_EXTRACT_SEED)
+                          for m in ("visual", "audio")}
+            self.notes.append(f"the checkpoint records no encoders: `{feature_set}` feature set's encoders "
+                              f"({', '.join(p.encoder for p in self.plans.values())}) as --feature-set says; frames "
+                              f"sampled by time in 10-s windows, audio decoded at {media.SAMPLE_RATE} Hz and resampled "
+                              f"(not the released recipe's decoding)")
+        else:
+            if not encoders:
+                encoders = self._assume_encoders(cfg)
+            self.plans = {m: plan_encoder(m, dict(encoders.get(m) or {}), explicit[m], self.roots)
+                          for m in ("visual", "audio")}
         classes = info.get("classes")
         if classes is None:
             classes = self._assume_classes(cfg.num_classes)
@@ -324,6 +361,11 @@ class Localizer:
     def _assume_encoders(self, cfg) -> dict:
         """A checkpoint without encoder records (e.g. the released CACE-Net model): usable only when its input
         sizes are those of ResNet-50 + Cnn14, and then the weights cannot be verified."""
+        if (cfg.video_dim, cfg.audio_dim) == (512, 128):
+            raise UserError(f"{self.checkpoint} does not record the encoders its features came from; it takes "
+                            f"512-channel visual and 128-channel audio features, as AVE's released VGG-19 + VGGish "
+                            f"files: pass --feature-set ave (with --vgg19-weights and --vggish-weights, or the files "
+                            f"at their default locations)")
         if (cfg.video_dim, cfg.audio_dim) != (2048, 2048):
             raise UserError(f"{self.checkpoint} does not record the encoders its features came from, and its input "
                             f"sizes (visual {cfg.video_dim}, audio {cfg.audio_dim}) are not those of this project's "
@@ -361,7 +403,10 @@ class Localizer:
         units = vis.prepare(frames)
         per = max(1, FEATURE_CHUNK_FRAMES // vis.units_per_segment) * vis.units_per_segment
         v = torch.cat([vis.encode(units[i:i + per]) for i in range(0, units.shape[0], per)])
-        a = aud.encode(aud.prepare(audio))
+        if hasattr(aud, "encode_clip"):  # VGGish: its own 0.96-s examples of the window's samples
+            a = torch.from_numpy(aud.encode_clip((np.asarray(audio, np.float64), media.SAMPLE_RATE)))
+        else:
+            a = aud.encode(aud.prepare(audio))
         out = []
         for m, x in (("visual", v), ("audio", a)):
             if self.plans[m].dtype == "float16":  # the model was trained on float16-rounded features
@@ -604,7 +649,8 @@ def _plot(loc: Localizer, vp: VideoPrediction, png: Path, frames: np.ndarray, au
 def predict_videos(videos: Sequence[str | Path], model_ref: str | Path, out_dir: Path, *, device: str = "auto",
                    dataset: Path | None = None, root: Path | None = None, resnet_weights: Path | None = None,
                    cnn14_weights: Path | None = None, precision: str | None = None, plot: bool = True,
-                   on_model: Callable[[Localizer], None] | None = None,
+                   feature_set: str | None = None, random_init: bool = False, vgg19_weights: Path | None = None,
+                   vggish_weights: Path | None = None, on_model: Callable[[Localizer], None] | None = None,
                    on_video: Callable[[VideoPrediction], None] | None = None) -> list[VideoPrediction]:
     """Localize events in each video with the checkpoint `model_ref` (file, train run folder, or store reference).
 
@@ -616,7 +662,8 @@ def predict_videos(videos: Sequence[str | Path], model_ref: str | Path, out_dir:
     ds = ave.load_dataset(Path(dataset)) if dataset is not None else None
     checkpoint = resolve_checkpoint(model_ref, root)
     loc = Localizer(checkpoint, device=device, root=root, resnet_weights=resnet_weights, cnn14_weights=cnn14_weights,
-                    precision=precision)
+                    precision=precision, feature_set=feature_set, random_init=random_init,
+                    vgg19_weights=vgg19_weights, vggish_weights=vggish_weights)
     if on_model:
         on_model(loc)
     out_dir = Path(out_dir)

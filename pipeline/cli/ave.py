@@ -335,6 +335,11 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
             random_init: bool = opt.random_init("Random encoder weights (testing only)."),
             frames_per_segment: Optional[int] = typer.Option(None, "--frames-per-segment",
                                                              help="Frames averaged per second (AVE: 16)."),
+            feature_set: Optional[str] = opt.feature_set("cace (ResNet-50 + Cnn14, default) or ave (AVE's released "
+                                                         "VGG-19 pool5 + VGGish recipe)."),
+            decode_mode: Optional[str] = opt.decode_mode(),
+            vgg19_weights: Optional[Path] = opt.released_weights("vgg19_weights"),
+            vggish_weights: Optional[Path] = opt.released_weights("vggish_weights"),
             dtype: Optional[str] = typer.Option(None, help="float32 (default) or float16."),
             device: Optional[str] = opt.device(),
             precision: Optional[str] = PrecisionOption,
@@ -347,7 +352,8 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
             shard_videos: Optional[int] = opt.shard_videos("Videos per shard (32)."),
             force: bool = opt.force("Recompute even if these features exist."),
             no_wait: bool = NoWaitOption):
-    """Extract ResNet-50 and Cnn14 features (visual.h5, audio.h5 in the AVE layout); resumes an interrupted run."""
+    """Extract ResNet-50 and Cnn14 features, or AVE's released VGG-19 + VGGish ones (--feature-set ave), as visual.h5
+    and audio.h5 in the AVE layout; resumes an interrupted run."""
     opt.lock_policy(no_wait)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -359,7 +365,8 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
              "frames_per_segment": frames_per_segment, "dtype": dtype, "device": device, "workers": workers,
              "precision": precision,
              "max_failure_share": max_failure_share, "random_init": True if random_init else None,
-             "cluster": cluster, "shard_videos": shard_videos}
+             "cluster": cluster, "shard_videos": shard_videos, "feature_set": feature_set, "decode_mode": decode_mode,
+             "vgg19_weights": vgg19_weights, "vggish_weights": vggish_weights}
     cfg = opt.configured(ExtractConfig, config, set_, "extract", given)
     _print_precision(cfg.precision, cfg.device)
     if cfg.random_init:
@@ -510,7 +517,12 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
                                                                 "checkpoint's)."),
             cnn14_weights: Optional[Path] = opt.cnn14_weights("Cnn14 weight file (sha256 checked likewise)."),
             precision: Optional[str] = opt.precision(help="The encoders' compute: auto, fp32, bf16 (default: as the "
-                                                          "checkpoint's features were extracted).")):
+                                                          "checkpoint's features were extracted)."),
+            feature_set: Optional[str] = opt.feature_set("ave: the checkpoint was trained on AVE's released VGG-19 + "
+                                                         "VGGish features (e.g. the released CACE-Net model.pth.tar)"),
+            vgg19_weights: Optional[Path] = opt.released_weights("vgg19_weights"),
+            vggish_weights: Optional[Path] = opt.released_weights("vggish_weights"),
+            random_init: bool = opt.random_init("With --feature-set: random encoder weights (testing only).")):
     """Localize events in your own videos: per second, event or background, class and probability (+ a picture)."""
     import numpy as np
 
@@ -564,8 +576,8 @@ def predict(videos: list[Path] = typer.Argument(..., help="Video files (any leng
     with console.status("localizing"):
         results = predict_videos(videos, model, out, device=device, dataset=dataset, root=root,
                                  resnet_weights=resnet_weights, cnn14_weights=cnn14_weights, precision=precision,
-                                 on_model=show_model,
-                                 on_video=show)
+                                 feature_set=feature_set, random_init=random_init, vgg19_weights=vgg19_weights,
+                                 vggish_weights=vggish_weights, on_model=show_model, on_video=show)
     ok = sum(vp.ok for vp in results)
     console.print(f"{ok} of {len(results)} video(s) localized; summary: {out / 'summary.json'}, "
                   f"{out / 'summary.csv'}", highlight=False, soft_wrap=True)

@@ -112,6 +112,13 @@ def extract(dataset: Path = opt.dataset("Folder with the annotation JSON and vid
                                                     "224)."),
             resnet_weights: Optional[Path] = opt.resnet_weights("ResNet-50 weights file."),
             cnn14_weights: Optional[Path] = opt.cnn14_weights("Cnn14 weights file."),
+            feature_set: Optional[str] = opt.feature_set("cace (ResNet-50 + Cnn14 on the grid, default) or unav "
+                                                         "(UnAV-100's released I3D RGB + flow + VGGish recipe)."),
+            decode_mode: Optional[str] = opt.decode_mode(),
+            i3d_rgb_weights: Optional[Path] = opt.released_weights("i3d_rgb_weights"),
+            i3d_flow_weights: Optional[Path] = opt.released_weights("i3d_flow_weights"),
+            raft_weights: Optional[Path] = opt.released_weights("raft_weights"),
+            vggish_weights: Optional[Path] = opt.released_weights("vggish_weights"),
             random_init: bool = opt.random_init("Random encoders (testing only)."),
             max_failure_share: Optional[float] = opt.max_failure_share("Share of videos allowed to fail."),
             device: Optional[str] = opt.device(),
@@ -123,7 +130,8 @@ def extract(dataset: Path = opt.dataset("Folder with the annotation JSON and vid
                                                  "with GPUs) or tcp://HOST:8786."),
             shard_videos: Optional[int] = opt.shard_videos("Videos per shard with --cluster."),
             force: bool = opt.force("Recompute even if these features exist.")):
-    """Dense features of untrimmed videos (ResNet-50 + Cnn14 per window), one .npy per video and modality."""
+    """Dense features of untrimmed videos (ResNet-50 + Cnn14 per window, or UnAV-100's I3D + VGGish recipe with
+    --feature-set unav), one .npy per video and stream."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline.dense.extract import DenseExtractConfig, dense_extract
@@ -133,7 +141,9 @@ def extract(dataset: Path = opt.dataset("Folder with the annotation JSON and vid
     given = {"grid": grid, "frames_per_window": frames_per_window, "crop_size": crop_size,
              "resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
              "random_init": True if random_init else None, "max_failure_share": max_failure_share, "device": device,
-             "precision": precision, "threads": threads, "cluster": cluster, "shard_videos": shard_videos}
+             "precision": precision, "threads": threads, "cluster": cluster, "shard_videos": shard_videos,
+             "feature_set": feature_set, "decode_mode": decode_mode, "i3d_rgb_weights": i3d_rgb_weights,
+             "i3d_flow_weights": i3d_flow_weights, "raft_weights": raft_weights, "vggish_weights": vggish_weights}
     cfg = opt.configured(DenseExtractConfig, config, set_, "extract", given, "dense extract")
     if cfg.random_init:
         console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; the features are "
@@ -306,6 +316,15 @@ def predict(videos: list[Path] = typer.Argument(..., help="Untrimmed video files
             resnet_weights: Optional[Path] = opt.resnet_weights("Override the ResNet-50 weights recorded in the "
                                                                 "checkpoint."),
             cnn14_weights: Optional[Path] = opt.cnn14_weights("Override the Cnn14 weights."),
+            feature_set: Optional[str] = opt.feature_set("For a detector trained on UnAV-100's released files: unav "
+                                                         "(computes their I3D + VGGish recipe for each video)."),
+            decode_mode: Optional[str] = opt.decode_mode(),
+            i3d_rgb_weights: Optional[Path] = opt.released_weights("i3d_rgb_weights"),
+            i3d_flow_weights: Optional[Path] = opt.released_weights("i3d_flow_weights"),
+            raft_weights: Optional[Path] = opt.released_weights("raft_weights"),
+            vggish_weights: Optional[Path] = opt.released_weights("vggish_weights"),
+            random_init: bool = opt.random_init("Random encoders (testing the pipeline only; says so in every "
+                                                "output)."),
             device: str = opt.device("auto")):
     """Localize events in your own untrimmed videos: a JSON of events and a timeline picture per video."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -324,8 +343,14 @@ def predict(videos: list[Path] = typer.Argument(..., help="Untrimmed video files
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("predicting", total=len(files))
+        if random_init:
+            console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; the "
+                          "predictions test the pipeline only.")
+        extract = {"feature_set": feature_set, "decode_mode": decode_mode, "i3d_rgb_weights": i3d_rgb_weights,
+                   "i3d_flow_weights": i3d_flow_weights, "raft_weights": raft_weights,
+                   "vggish_weights": vggish_weights, "random_init": True if random_init else None}
         results = predict_files(files, checkpoint, out, ground_truth=gt, min_score=min_score, device=device,
-                                resnet_weights=resnet_weights, cnn14_weights=cnn14_weights,
+                                resnet_weights=resnet_weights, cnn14_weights=cnn14_weights, **extract,
                                 progress=lambda n, total, vid: bar.update(task, completed=n,
                                                                           description=f"predicting: {vid}"))
     for r in results:

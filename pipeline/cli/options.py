@@ -90,6 +90,32 @@ def cnn14_weights(help: str) -> Any:
     return typer.Option(None, "--cnn14-weights", help=help)
 
 
+def feature_set(help: str = "cace (ResNet-50 + Cnn14, default), ave (AVE's released VGG-19 + VGGish recipe) or unav "
+                             "(UnAV-100's I3D RGB + flow + VGGish recipe).") -> Any:
+    return typer.Option(None, "--feature-set", help=help)
+
+
+def decode_mode() -> Any:
+    return typer.Option(None, "--decode-mode", help="faithful (default: ffmpeg as the reference tools ran it) or fast "
+                                                    "(in-process decoding) for the ave/unav recipes.")
+
+
+RELEASED_WEIGHTS = {  # the released sets' encoders: option name -> (flag, help)
+    "vgg19_weights": ("--vgg19-weights", "Keras VGG-19 file (vgg19_weights_tf_dim_ordering_tf_kernels[_notop].h5)."),
+    "vggish_weights": ("--vggish-weights", "torchvggish's vggish-10086976.pth."),
+    "i3d_rgb_weights": ("--i3d-rgb-weights", "I3D RGB file (video_features' i3d_rgb.pt or piergiaj's "
+                                             "rgb_imagenet.pt)."),
+    "i3d_flow_weights": ("--i3d-flow-weights", "I3D flow file (i3d_flow.pt or flow_imagenet.pt)."),
+    "raft_weights": ("--raft-weights", "RAFT-large file (torchvision's raft_large_C_T_SKHT_V1-0b8c9e55.pth or "
+                                       "princeton-vl's raft-sintel.pth)."),
+}
+
+
+def released_weights(name: str) -> Any:
+    flag, help = RELEASED_WEIGHTS[name]
+    return typer.Option(None, flag, help=help)
+
+
 def max_failure_share(help: str) -> Any:
     return typer.Option(None, "--max-failure-share", help=help)
 

@@ -38,7 +38,8 @@ from pipeline.dense.synthetic import ANNOTATIONS
 from pipeline.errors import UserError
 from pipeline.extraction import encoders, shards
 from pipeline.extraction.engine import ProgressFn, run_videos
-from pipeline.extraction.grids import TIME_GRIDS, WindowGrid
+from pipeline.extraction.feature_sets import FeatureSet, feature_set
+from pipeline.extraction.grids import TIME_GRIDS, UNAV_GRID, RecipeGrid, TimeGrid, WindowGrid
 from pipeline.extraction.settings import ExtractSettings
 from pipeline.runtime import default_threads, resolve_device
 from pipeline.store import ArtifactStore, atomic_path, stage_key, write_json_atomic
@@ -61,20 +62,42 @@ class DenseExtractConfig(ExtractSettings):
 
     def key_fields(self) -> dict:
         """What changes the features: the grid, the sampling, the crop, the weights' seed and the precision that
-        runs (the weight files enter as the stage's inputs)."""
-        fields = {k: v for k, v in dump_config(self).items()
-                  if k in ("grid", "frames_per_window", "crop_size", "random_init", "seed")}
+        runs (the weight files enter as the stage's inputs). The `cace` set's keys are those of before feature sets
+        existed; a released set adds its name and decoding mode."""
+        keep = ("grid", "frames_per_window", "crop_size", "random_init", "seed")
+        if self.released():
+            keep = ("random_init", "seed", "feature_set", "decode_mode")
+        fields = {k: v for k, v in dump_config(self).items() if k in keep}
         return {**fields, "precision": self.resolved_precision()}
 
     def layout_config(self) -> dict:
         dumped = dump_config(self)
-        return {k: dumped[k] for k in LAYOUT_FIELDS}
+        extra = ("feature_set", "decode_mode", "i3d_rgb_weights", "i3d_flow_weights", "raft_weights",
+                 "vggish_weights") if self.released() else ()
+        return {k: dumped[k] for k in (*LAYOUT_FIELDS, *extra)}
 
-    def encoder_spec(self, modality: str) -> encoders.EncoderSpec:
-        return self.spec(modality, ENCODERS[modality], self.frames_per_window)
+    def released(self) -> FeatureSet | None:
+        """The released feature set named by `feature_set` (None for this project's `cace`)."""
+        return None if self.feature_set == "cace" else feature_set(self.feature_set, "dense")
 
-    def window_grid(self) -> WindowGrid:
+    def streams(self) -> dict[str, str]:
+        """{stream: file suffix} of the feature files each video gets."""
+        if self.released():
+            return {s.name: s.suffix for s in self.released().streams}
+        return dict(SUFFIXES)
+
+    def encoder_spec(self, stream: str) -> encoders.EncoderSpec:
+        if self.released():
+            return self.stream_spec(self.released().stream(stream))
+        return self.spec(stream, ENCODERS[stream], self.frames_per_window)
+
+    def window_grid(self) -> WindowGrid | RecipeGrid:
+        if self.released():
+            return RecipeGrid(tuple((s.name, s.recipe) for s in self.released().streams), self.decode_mode)
         return WindowGrid(TIME_GRIDS[self.grid], self.frames_per_window, self.chunk_windows)
+
+    def time_grid(self) -> TimeGrid:
+        return UNAV_GRID if self.released() else TIME_GRIDS[self.grid]
 
 
 @dataclass
@@ -108,8 +131,14 @@ class DensePlan:
 
 
 def locate_encoders(cfg: DenseExtractConfig) -> dict:
-    """{modality: WeightsInfo}: each encoder's weight file found and checked (or random init)."""
-    return {m: encoders.locate(cfg.encoder_spec(m), random_init=cfg.random_init, seed=cfg.seed) for m in ENCODERS}
+    """{stream: WeightsInfo}: each encoder's weight file found and checked (or random init); I3D flow's RAFT file
+    as `raft`."""
+    out = {m: encoders.locate(cfg.encoder_spec(m), random_init=cfg.random_init, seed=cfg.seed) for m in cfg.streams()}
+    if any("raft_weights" in cfg.encoder_spec(m).options for m in out):  # I3D flow (its module registered RAFT's rules)
+        from extractors.weights import locate_weights
+
+        out["raft"] = locate_weights("raft", cfg.raft_weights, random_init=cfg.random_init, seed=cfg.seed)
+    return out
 
 
 def plan_extract(dataset_dir: Path, cfg: DenseExtractConfig) -> DensePlan:
@@ -129,30 +158,43 @@ def plan_extract(dataset_dir: Path, cfg: DenseExtractConfig) -> DensePlan:
 
 
 def make_encoders(cfg: DenseExtractConfig, weights: dict | None = None, keep: bool = False) -> dict:
-    """{modality: extractor} as the config says; `weights` from `locate_encoders` (located here if None). `keep`:
+    """{stream: extractor} as the config says; `weights` from `locate_encoders` (located here if None). `keep`:
     kept for the process's next call (a Dask worker's next shard)."""
     weights = weights or locate_encoders(cfg)
     device = resolve_device(cfg.device)
-    return {m: encoders.build(cfg.encoder_spec(m), weights[m], seed=cfg.seed, device=device,
-                              precision=cfg.resolved_precision(), keep=keep) for m in ENCODERS}
+    built = {}
+    for m in cfg.streams():
+        spec = cfg.encoder_spec(m)
+        if "raft_weights" in spec.options:  # the located RAFT file (checked, hashed), not the bare path
+            spec = encoders.EncoderSpec(spec.name, spec.modality, spec.weights_file,
+                                        {**spec.options, "raft_weights": weights["raft"]})
+        built[m] = encoders.build(spec, weights[m], seed=cfg.seed, device=device, precision=cfg.resolved_precision(),
+                                  keep=keep)
+    return built
 
 
-def _record(info: dict, errors: dict) -> dict:
-    """A video's manifest record: done with its steps, or failed with the first reason."""
+def _record(info: dict, errors: dict, rows: dict[str, int]) -> dict:
+    """A video's manifest record: done with its steps, or failed with the first reason. A released set's streams
+    keep their own row counts (`rows`); its steps are the shorter, as the loader cuts them."""
     error = next((e for e in errors.values() if e is not None), None)
     if error is not None:
         return {"status": "failed", "error": error}
-    return {"status": "done", "steps": info["steps"], "seconds": info.get("seconds", 0.0)}
+    if "steps" in info:  # the cace set on its time grid
+        return {"status": "done", "steps": info["steps"], "seconds": info.get("seconds", 0.0)}
+    item = {"status": "done", "steps": min(rows.values()), "rows": rows, "seconds": info.get("seconds", 0.0)}
+    if info.get("notes"):
+        item["notes"] = list(info["notes"])
+    return item
 
 
 class NpyWriter:
-    """The engine's writer for the dense stage: one `.npy` per video and modality in `features/`, written atomically,
+    """The engine's writer for the dense stage: one `.npy` per video and stream in `features/`, written atomically,
     and each video's record saved in the manifest at once (a rerun skips recorded videos)."""
 
-    modalities = tuple(ENCODERS)
-
-    def __init__(self, run, features: Path, progress: ProgressFn | None, total: int):
+    def __init__(self, run, features: Path, progress: ProgressFn | None, total: int, suffixes: dict[str, str]):
         self.run, self.features, self.progress, self.total = run, features, progress, total
+        self.suffixes = suffixes
+        self.modalities = tuple(suffixes)
         self.done = sum(1 for it in run.manifest.items.values() if it.get("status") == "done")
 
     def needs(self, video_id: str) -> bool:
@@ -166,20 +208,21 @@ class NpyWriter:
             self.progress(self.done, self.total, video_id)
 
     def write(self, video_id: str, features: dict, info: dict, errors: dict) -> None:
-        item = _record(info, errors)
+        item = _record(info, errors, {m: len(x) for m, x in features.items() if x is not None})
         if item["status"] == "done":
-            for m in ("audio", "visual"):
-                with atomic_path(self.features / f"{video_id}{SUFFIXES[m]}") as tmp, open(tmp, "wb") as f:
+            for m in sorted(self.modalities):  # audio first, as the files have always been written
+                with atomic_path(self.features / f"{video_id}{self.suffixes[m]}") as tmp, open(tmp, "wb") as f:
                     np.save(f, features[m])
         self._record(video_id, item)
 
     def write_part(self, video_id: str, files: dict[str, Path], info: dict, errors: dict) -> None:
         """From a shard's part: the files are moved (same file system: a rename). A merge cut off between a move
         and the manifest save finds the file already in place on resume."""
-        item = _record(info, errors)
+        rows = {m: int(np.load(f, mmap_mode="r").shape[0]) for m, f in files.items() if f.is_file()}
+        item = _record(info, errors, rows)
         if item["status"] == "done":
             for m, src in files.items():
-                dst = self.features / f"{video_id}{SUFFIXES[m]}"
+                dst = self.features / f"{video_id}{self.suffixes[m]}"
                 if src.is_file():
                     os.replace(src, dst)
                 elif not dst.is_file():  # neither moved before a cut-off merge nor in the part
@@ -206,24 +249,28 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
             threads, described = source.threads, source.encoders
         shapes = {m: ["T", d["segment_shape"][-1]] for m, d in described.items()}
         features.mkdir(parents=True, exist_ok=True)
-        grid = TIME_GRIDS[cfg.grid]
-        layout = {"visual": [SUFFIXES["visual"]], "audio": [SUFFIXES["audio"]], "grid": {
-            "window_s": grid.window_s, "stride_s": grid.stride_s}, "encoders": described,
-            "extract_config": cfg.layout_config()}
+        grid, suffixes = cfg.time_grid(), cfg.streams()
+        files = cfg.released().layout() if cfg.released() else {m: [s] for m, s in SUFFIXES.items()}
+        layout = {**files, "grid": {"window_s": grid.window_s, "stride_s": grid.stride_s}, "encoders": described,
+                  "extract_config": cfg.layout_config()}
         write_json_atomic(features / LAYOUT_FILE, layout)
-        run.manifest.warnings = [RANDOM_WARNING.format(modality=m) for m in ENCODERS if cfg.random_init]
+        run.manifest.warnings = [RANDOM_WARNING.format(modality=m) for m in suffixes if cfg.random_init]
+        if cfg.released():
+            from pipeline.ave.extract import recipe_record
+
+            run.manifest.metrics["recipe"] = recipe_record(cfg)
         run.save()
         t_start = time.perf_counter()
-        writer = NpyWriter(run, features, progress, len(paths))
+        writer = NpyWriter(run, features, progress, len(paths), suffixes)
         if parts is None:
             run_videos(list(paths.items()), cfg.window_grid(), built, [writer],
                        threads={m: threads for m in built}, progress=None)
         else:
             source.feed(list(paths), writer)
         failed = {v: it["error"] for v, it in run.manifest.items.items() if it.get("status") == "failed"}
-        run.manifest.metrics = {"videos": len(paths), "failed": failed, "grid": layout["grid"],
+        run.manifest.metrics = {**run.manifest.metrics, "videos": len(paths), "failed": failed, "grid": layout["grid"],
                                 "steps": int(sum(it.get("steps", 0) for it in run.manifest.items.values())),
-                                "files": {m: f"<video id>{s}" for m, s in SUFFIXES.items()}, "shapes": shapes,
+                                "files": {m: f"<video id>{s}" for m, s in suffixes.items()}, "shapes": shapes,
                                 "torch_threads": threads, "sharded": parts is not None}
         run.manifest.timings["total_s"] = round(time.perf_counter() - t_start, 3)
         if len(failed) > cfg.max_failure_share * len(paths):
@@ -247,7 +294,7 @@ def extract_shard(dataset_dir: Path, cfg: DenseExtractConfig, index: int, videos
     """Extract one shard's videos into its part folder (or find it done). Returns {"path", "reused", "videos",
     "failed", "threads"}."""
     plan = plan_extract(dataset_dir, cfg)
-    part = shards.Part(root, STAGE, plan.key(cfg), index, videos, SUFFIXES)
+    part = shards.Part(root, STAGE, plan.key(cfg), index, videos, cfg.streams())
     if part.done:
         return part.reused()
     unknown = [v for v in videos if v not in plan.paths]

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from pipeline import media
 from pipeline.dense.data import DenseVideoData, FeatureStats
 from pipeline.dense.extract import SUFFIXES, DenseExtractConfig, make_encoders
 from pipeline.dense.features import LAYOUT_FILE, load_video_features
@@ -27,28 +28,50 @@ from pipeline.store import write_json_atomic
 
 
 def extraction_config(info: dict, checkpoint: Path, overrides: dict) -> DenseExtractConfig:
-    """How the detector's training features were made, from its checkpoint (weights paths may be overridden)."""
+    """How the detector's training features were made: from its checkpoint when `avel dense extract` made them (the
+    weights paths may be overridden), or from `overrides["feature_set"]` for a detector trained on a released set's
+    files (UnAV-100's I3D + VGGish: `--feature-set unav`), which the checkpoint cannot know."""
     layout = info.get("feature_layout") or {}
     recorded = layout.get("extract_config")
+    given = {k: v for k, v in overrides.items() if v is not None}
     if not recorded:
-        raise UserError(f"{checkpoint}: this detector was trained on features this project did not extract (e.g. "
-                        f"UnAV-100's released I3D + VGGish files), so it cannot compute them for a new video; "
-                        f"train on features from `avel dense extract` to predict on raw videos")
-    return DenseExtractConfig.model_validate({**recorded, **{k: v for k, v in overrides.items() if v is not None}})
+        if given.get("feature_set") in (None, "cace"):
+            raise UserError(f"{checkpoint}: this detector was trained on features this project did not extract (e.g. "
+                            f"UnAV-100's released I3D + VGGish files), so predict must be told how they were made: "
+                            f"--feature-set unav for UnAV-100's files")
+        recorded = {}
+    elif given.get("feature_set") not in (None, recorded.get("feature_set", "cace")):
+        raise UserError(f"{checkpoint} was trained on `{recorded.get('feature_set', 'cace')}` features (its feature "
+                        f"folder says so), not --feature-set {given['feature_set']}")
+    return DenseExtractConfig.model_validate({**recorded, **given})
+
+
+def _check_dims(model, built: dict, cfg: DenseExtractConfig, checkpoint: Path) -> None:
+    """The detector's input widths must be what the encoders give (visual = the visual streams concatenated)."""
+    dims = {"visual": 0, "audio": 0}
+    modality = {s.name: s.modality for s in cfg.released().streams} if cfg.released() else {}
+    for m, e in built.items():
+        dims[modality.get(m, m)] += e.segment_shape[-1]
+    want = {"visual": model.cfg.visual_dim, "audio": model.cfg.audio_dim}
+    if dims != want:
+        raise UserError(f"{checkpoint} takes visual {want['visual']} / audio {want['audio']} channels but the "
+                        f"`{cfg.feature_set}` encoders give {dims['visual']} / {dims['audio']}: use the feature set "
+                        f"the detector was trained on")
 
 
 def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground_truth: dict | None = None,
                   min_score: float = 0.05, device: str = "auto", resnet_weights: Path | None = None,
                   cnn14_weights: Path | None = None, keep_features: bool = False,
-                  progress: Callable[[int, int, str], None] | None = None) -> list[dict]:
+                  progress: Callable[[int, int, str], None] | None = None, **extract: object) -> list[dict]:
     """One result dict per video (also written as JSON + timeline PNG into out_dir). `ground_truth`: video id ->
     list of {"segment", "label_id"} to draw above the predictions. `keep_features`: also keep each video's feature
-    files in out_dir/features/."""
+    files in out_dir/features/. `extract`: extraction settings over the checkpoint's (feature_set, decode_mode,
+    random_init, the released sets' weight files)."""
     from pipeline.dense.plots import timeline_png
 
     model, info = load_detector(checkpoint)
     cfg = extraction_config(info, checkpoint, {"resnet_weights": resnet_weights, "cnn14_weights": cnn14_weights,
-                                               "device": device})
+                                               "device": device, **extract})
     dev = resolve_device(device)
     model.to(dev)
     precision = resolve_precision(cfg.precision, dev)
@@ -56,7 +79,10 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
     stats = FeatureStats.from_dict(info.get("feature_stats"))
     classes = info["classes"]
     built = make_encoders(cfg)
-    window_grid = WindowGrid(grid, cfg.frames_per_window, cfg.chunk_windows)
+    _check_dims(model, built, cfg, checkpoint)
+    window_grid = cfg.window_grid() if cfg.released() else WindowGrid(grid, cfg.frames_per_window, cfg.chunk_windows)
+    suffixes = cfg.streams()
+    files = cfg.released().layout() if cfg.released() else {m: [s] for m, s in SUFFIXES.items()}
     threads = {m: cfg.threads or default_threads() for m in built}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -65,10 +91,10 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
         if keep_features:
             tmp = out_dir / "features"
             tmp.mkdir(exist_ok=True)
-        write_json_atomic(Path(tmp) / LAYOUT_FILE, {"visual": [SUFFIXES["visual"]], "audio": [SUFFIXES["audio"]]})
+        write_json_atomic(Path(tmp) / LAYOUT_FILE, files)
         for n, path in enumerate(videos, 1):
             vid = path.stem
-            writer = FolderWriter(Path(tmp), [vid], SUFFIXES)
+            writer = FolderWriter(Path(tmp), [vid], suffixes)
             run_videos([(vid, path)], window_grid, built, [writer], threads=threads)
             record = writer.items[vid]
             error = next((e for e in record["errors"].values() if e is not None), None)
@@ -77,9 +103,10 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
                 if progress:
                     progress(n, len(videos), vid)
                 continue
-            steps = record["info"]["steps"]
             v, a = load_video_features(Path(tmp), vid)
-            item = DenseVideoData(vid, v, a, None, None, float(record["info"]["duration_s"]))
+            steps = len(v)
+            duration = record["info"].get("duration_s") or media.probe(path).duration_s
+            item = DenseVideoData(vid, v, a, None, None, float(duration))
             if stats is not None:
                 item = stats.apply(item)
             events = postprocess_video(video_levels(model, item.visual, item.audio, precision), grid,

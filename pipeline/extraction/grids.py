@@ -206,3 +206,51 @@ class WindowGrid:
                 stats["units"] = stats.get("units", 0) + windows.shape[0]
             _timed(stats, "encode_s", t0)
         return np.concatenate(parts).astype(np.float32)
+
+
+# ---- the released feature sets: each stream decoded by its recipe ------------------------------------------------
+@dataclass(frozen=True)
+class RecipeGrid:
+    """The grid of a released feature set (`feature_sets`): each stream is decoded by its recipe (`recipes`: AVE's
+    16 frames per second by index, the video at 25 fps, the 16-bit waveform), in `mode` ("faithful" or "fast"), and
+    encoded as the recipe says: AVE's frames one second (16 frames) per forward -> [10, *shape]; a clip encoder
+    (`extractors.base.ClipExtractor`: I3D, VGGish) over the whole clip -> its own rows. Decoding happens while
+    encoding (nothing is decoded ahead), so the engine runs it without decoding workers. Notes a recipe makes (an
+    index past the decoded frames, padded VGGish examples) go into the video's record."""
+
+    recipes: tuple[tuple[str, str], ...]  # (stream name, recipe name)
+    mode: str = "faithful"
+    segments: int = SEGMENTS
+
+    def decode(self, path: Path, modalities: tuple[str, ...], threads: int = 0) -> DecodedVideo:
+        notes: list[str] = []
+        out = DecodedVideo(info={"notes": notes, "decode_mode": self.mode})
+        recipe = dict(self.recipes)
+        for m in modalities:
+            out.inputs[m] = (Path(path), recipe[m], notes)
+        return out
+
+    def encode(self, extractor, modality: str, raw, stats: dict) -> np.ndarray:
+        from pipeline.extraction import recipes
+
+        path, recipe, notes = raw
+        t0 = time.perf_counter()
+        if recipe == "ave_frames":
+            frames = recipes.ave_frames(path, self.mode, notes)
+            t0 = _timed(stats, "decode_s", t0)
+            units = extractor.prepare(frames)
+            t0 = _timed(stats, "prepare_s", t0)
+            per = extractor.units_per_segment  # one second per forward: a fixed shape whatever the video
+            rows = np.concatenate([extractor.encode(units[s * per:(s + 1) * per]).numpy()
+                                   for s in range(self.segments)])
+            stats["units"] = stats.get("units", 0) + units.shape[0]
+        else:
+            source = recipes.frames_25fps(path, self.mode) if recipe == "frames_25fps" else \
+                recipes.waveform(path, self.mode)
+            rows = extractor.encode_clip(source)
+            padded = getattr(extractor, "last_padding", 0)
+            if padded:
+                notes.append(f"{extractor.name}: {padded} of its rows repeat the last example (the clip is short)")
+            stats["units"] = stats.get("units", 0) + len(rows)
+        _timed(stats, "encode_s", t0)
+        return np.asarray(rows, np.float32)

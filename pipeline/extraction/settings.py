@@ -23,6 +23,18 @@ class ExtractSettings(StageConfig):
     random_init: bool = False
     resnet_weights: Path | None = None
     cnn14_weights: Path | None = None
+    # the released sets' encoders (`--feature-set ave|unav`; None: each file's default location)
+    vgg19_weights: Path | None = None
+    vggish_weights: Path | None = None
+    i3d_rgb_weights: Path | None = None
+    i3d_flow_weights: Path | None = None
+    raft_weights: Path | None = None
+    feature_set: Literal["cace", "ave", "unav"] = Field(
+        "cace", description="cace: ResNet-50 + Cnn14 (this project's); ave: AVE's released VGG-19 + VGGish; unav: "
+                            "UnAV-100's released I3D RGB + flow + VGGish (pipeline.extraction.feature_sets)")
+    decode_mode: Literal["faithful", "fast"] = Field(
+        "faithful", description="how the ave/unav recipes decode: faithful = ffmpeg as the reference tools did; "
+                                "fast = in-process decoding, no re-encode (pipeline.extraction.recipes)")
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -36,9 +48,24 @@ class ExtractSettings(StageConfig):
     cluster: str | None = None
     shard_videos: int = Field(8, ge=1, description="videos per shard (one Prefect task and part folder each)")
 
-    def weights_path(self, modality: str) -> Path | None:
-        """The weight file the user named for this modality's encoder (None: its default location)."""
-        return self.resnet_weights if modality == "visual" else self.cnn14_weights
+    def precision_on(self, device) -> str:
+        """The precision that runs on `device`. `auto` is bf16 where the device has native bf16, except for a released
+        set (ave, unav): its numbers were made in fp32, and bf16 moves RAFT's flow by about one quantisation step
+        (measured), so `auto` is fp32 there; `bf16` still forces it."""
+        from pipeline.runtime import resolve_precision
+
+        if self.feature_set != "cace" and self.precision == "auto":
+            return "fp32"
+        return resolve_precision(self.precision, device)
+
+    def resolved_precision(self) -> str:
+        from pipeline.runtime import resolve_device
+
+        return self.precision_on(resolve_device(self.device))
+
+    def weights_file(self, encoder: str) -> Path | None:
+        """The weight file the user named for `encoder` (None: its default location)."""
+        return getattr(self, f"{'resnet' if encoder == 'resnet50' else encoder}_weights", None)
 
     def spec(self, modality: str, name: str, frames_per_step: int) -> EncoderSpec:
         """Encoder `name` for `modality`: a visual one averages `frames_per_step` frames per step, at `crop_size`."""
@@ -47,4 +74,12 @@ class ExtractSettings(StageConfig):
             options["frames_per_segment"] = frames_per_step
             if self.crop_size:
                 options["crop_size"] = self.crop_size
-        return EncoderSpec(name, modality, self.weights_path(modality), options)
+        return EncoderSpec(name, modality, self.weights_file(name), options)
+
+    def stream_spec(self, stream) -> EncoderSpec:
+        """The encoder of a released set's stream (`feature_sets.Stream`), with its recipe's options (I3D flow also
+        gets its RAFT file)."""
+        options = dict(stream.options)
+        if stream.encoder == "i3d_flow":
+            options["raft_weights"] = self.raft_weights
+        return EncoderSpec(stream.encoder, stream.modality, self.weights_file(stream.encoder), options)
