@@ -13,18 +13,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.tasks import GPU, Progress, publish, results_table
+from flows.pictures import dense_timelines, pictures_markdown
+from flows.tasks import GPU, Progress, manifest_pictures, publish, results_table
 from pipeline.config import dump_config
 from pipeline.dense.pipeline_config import forced_stages, resolve_dense_config
 from pipeline.progress import reporter
 from pipeline.store import ArtifactStore
 
 
-@task(name="prepare-dense-dataset", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="prepare-dense-dataset", task_run_name="prepare_dense_dataset", retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE)
 def prepare_dense_dataset(dataset: dict, root: str) -> dict:
     """{"annotations": JSON path, "features": folder or None (extract from videos)}; synthetic videos are
     generated once under <root>/datasets/ (under a lock: two runs on one store generate them once)."""
@@ -60,7 +62,7 @@ def prepare_dense_dataset(dataset: dict, root: str) -> dict:
     return {"annotations": str(done), "features": None}
 
 
-@task(name="dense-extract", tags=GPU, cache_policy=NO_CACHE)
+@task(name="dense-extract", task_run_name="dense_extract", tags=GPU, cache_policy=NO_CACHE)
 def dense_extract_task(annotations: str, extract_cfg: dict, root: str, force: bool = False) -> dict:
     from pipeline.dense.extract import DenseExtractConfig, dense_extract
 
@@ -87,7 +89,7 @@ def _dense_extract(annotations: str, extract_cfg: dict, root: str, force: bool) 
                    {"features": r["features"], "failed": r["failed"], "cluster": extract_cfg["cluster"]})
 
 
-@task(name="dense-train", tags=GPU, cache_policy=NO_CACHE)
+@task(name="dense-train", task_run_name="dense_train", tags=GPU, cache_policy=NO_CACHE)
 def dense_train_task(annotations: str, features: str, train_cfg: dict, root: str, warnings: list[str],
                      force: bool = False) -> dict:
     from pipeline.dense.data import load_dense_features
@@ -106,7 +108,7 @@ def dense_train_task(annotations: str, features: str, train_cfg: dict, root: str
                     "best_epoch": r.metrics["best_epoch"], "parameters": r.metrics["parameters"]})
 
 
-@task(name="dense-evaluate", tags=GPU, cache_policy=NO_CACHE)
+@task(name="dense-evaluate", task_run_name="dense_evaluate", tags=GPU, cache_policy=NO_CACHE)
 def dense_evaluate_task(checkpoint: str, annotations: str, features: str, root: str, split: str,
                         force: bool = False) -> dict:
     from pipeline.dense.data import load_dense_features
@@ -117,12 +119,33 @@ def dense_evaluate_task(checkpoint: str, annotations: str, features: str, root: 
     r = evaluate_stage(Path(checkpoint), fs, Path(root), split, force=force)
     m = r.metrics
     rows = "\n".join(f"| {th} | {100 * v:.2f} |" for th, v in m["mAP"].items())
-    create_markdown_artifact(f"## dense evaluation ({split})\n\n| tIoU | mAP % |\n|---|---|\n{rows}\n\n"
-                             f"**average mAP {100 * m['average_mAP']:.2f} %** (tIoU 0.1:0.9); mean over 0.5:0.9 "
-                             f"{100 * m['average_mAP_0.5:0.9']:.2f} %", key="dense-evaluation")
+    text = (f"## dense evaluation ({split})\n\n| tIoU | mAP % |\n|---|---|\n{rows}\n\n"
+            f"**average mAP {100 * m['average_mAP']:.2f} %** (tIoU 0.1:0.9); mean over 0.5:0.9 "
+            f"{100 * m['average_mAP_0.5:0.9']:.2f} %")
+    timelines = _timelines(r.dir, r.reused, fs, m["split"])
+    if timelines:
+        text += f"\n\n## timelines of {len(timelines)} {m['split']} video(s)\n\n" + pictures_markdown(timelines)
+    create_markdown_artifact(text, key="dense-evaluation")
     return publish("dense_evaluate", "dense_evaluate", r.dir, r.reused, time.perf_counter() - t0,
                    {"split": m["split"], "mAP": m["mAP"], "average_mAP": m["average_mAP"],
-                    "average_mAP_high": m["average_mAP_0.5:0.9"]})
+                    "average_mAP_high": m["average_mAP_0.5:0.9"]},
+                   pictures=[])  # in the dense-evaluation artifact
+
+
+def _timelines(folder: Path, reused: bool, fs, split: str) -> list[tuple[str, Path]]:
+    """The evaluation's own PNG outputs, or else timelines of a few of the split's videos drawn here (once per
+    run: a reused evaluation keeps the ones drawn when it was computed)."""
+    own = manifest_pictures(ArtifactStore(folder.parent.parent).manifest(folder.parent.name, folder.name), folder)
+    if own:
+        return own
+    drawn = sorted((folder / "timelines").glob("*_timeline.png")) if reused else []
+    if drawn:
+        return [(f"timeline {p.name.removesuffix('_timeline.png')}", p) for p in drawn]
+    try:
+        return dense_timelines(folder, fs, split)
+    except Exception as e:  # a picture never fails the stage
+        get_run_logger().warning(f"dense timelines not drawn: {type(e).__name__}: {e}")
+        return []
 
 
 @flow(name="avel-dense-pipeline", log_prints=True)

@@ -139,22 +139,26 @@ def run_quietly(log: Path, fn):
 
     with quiet_native_output(log) as term, use_reporter(RichReporter(term)):
         try:
-            return fn()
-        finally:
-            stop_temporary_server()
+            result = fn()
+        except BaseException as e:  # Ctrl-C, SIGTERM (not an Exception): stop the server now, draining little
+            stop_temporary_server(10 if isinstance(e, Exception) else 2)
+            raise
+        stop_temporary_server()
+        return result
 
 
-def stop_temporary_server() -> None:
+def stop_temporary_server(drain_s: float = 10) -> None:
     """Stop Prefect's temporary local server now (it would otherwise stop at interpreter exit, printing to a
-    terminal that `avel run` keeps for its own output). No-op with a configured server."""
+    terminal that `avel run` keeps for its own output). No-op with a configured server. `drain_s`: how long the
+    log and event workers get to send what they hold (an interrupted command gives them little)."""
     from prefect._internal.concurrency.services import QueueService
     from prefect.server.api.server import SubprocessASGIServer
 
     servers = list(SubprocessASGIServer._instances.values())
-    if servers:
+    if drain_s > 0 and any(s.server_process is not None for s in servers):
         # first send what the log and event workers still hold, or they retry against a stopped server at exit
         # ("Error logging to API")
-        QueueService.drain_all(timeout=10, at_exit=False)
+        QueueService.drain_all(timeout=drain_s, at_exit=False)
     for server in servers:
         server.stop()
 

@@ -41,7 +41,7 @@ def extract_shard_task(dataset: str, extract_cfg: dict, root: str, modalities: l
             "parts": parts}
 
 
-@task(name="merge-shards", cache_policy=NO_CACHE)
+@task(name="merge-shards", task_run_name="merge {modality} shards", cache_policy=NO_CACHE)
 def merge_task(dataset: str, extract_cfg: dict, root: str, modality: str, parts: list[str], force: bool) -> dict:
     from pipeline.ave.extract import STAGES, ExtractConfig, extract
     from pipeline.extraction.shards import read_part, remove_parts
@@ -103,8 +103,10 @@ def run_shards(label: str, shard_task, shard_args: list[tuple], gpu_tasks: bool)
     from pipeline.progress import reporter
 
     reporter().start(label, len(shard_args))
+    name = label.removesuffix("s")  # each shard's task run: "extract audio+visual shard 3/12"
     with dask.annotate(**({"resources": {"GPU": 1}} if gpu_tasks else {})):
-        futures = [shard_task.submit(*args) for args in shard_args]
+        futures = [shard_task.with_options(task_run_name=f"{name} {i}/{len(shard_args)}").submit(*args)
+                   for i, args in enumerate(shard_args, 1)]
     done = []
     t0 = time.perf_counter()
     for n, f in enumerate(futures, 1):
@@ -123,7 +125,7 @@ def dense_shard_task(annotations: str, extract_cfg: dict, root: str, index: int,
     return {"index": index, "pid": os.getpid(), **extract_shard(Path(annotations), cfg, index, videos, Path(root))}
 
 
-@task(name="dense-merge-shards", cache_policy=NO_CACHE)
+@task(name="dense-merge-shards", task_run_name="dense merge shards", cache_policy=NO_CACHE)
 def dense_merge_task(annotations: str, extract_cfg: dict, root: str, parts: list[str], force: bool) -> dict:
     from pipeline.dense.extract import STAGE, DenseExtractConfig, dense_extract
     from pipeline.extraction.shards import remove_parts
@@ -207,7 +209,7 @@ def local_cluster_spec(n: int) -> dict:
     thread)."""
     import dask
     import torch
-    from distributed import Nanny, Scheduler
+    from distributed import Scheduler
 
     gpus = torch.cuda.device_count()
     threads = 1 if gpus else max(1, (os.cpu_count() or 1) // n)
@@ -216,12 +218,36 @@ def local_cluster_spec(n: int) -> dict:
     workers = {}
     for i in range(min(n, gpus) if gpus else n):
         options = {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": str(i) if gpus else ""},
-                   "dashboard_address": None, "silence_logs": 40}
+                   "dashboard_address": None, "silence_logs": 40, "preload": [__name__]}  # dask_setup below
         if gpus:
             options["resources"] = {"GPU": 1}
-        workers[f"worker-{i}"] = {"cls": Nanny, "options": options}
+        workers[f"worker-{i}"] = {"cls": _quick_nanny, "options": options}
     return {"workers": workers, "scheduler": {"cls": Scheduler, "options": {"dashboard_address": None}},
             "silence_logs": 40}
+
+
+def _quick_nanny(*args, **kwargs):
+    """A Nanny that kills its worker process 1.6 s after asking it to close (Dask's: 4 s). An interrupted command
+    closes its cluster while the workers are inside a shard, which only ends with the process (its part is built
+    under a temporary name, so a killed one is redone by the next run); the cluster's close waited the 4 s."""
+    from distributed import Nanny
+
+    class QuickNanny(Nanny):
+        async def close(self, timeout: float = 2, reason: str = "nanny-close"):
+            return await super().close(timeout=timeout, reason=reason)
+
+    return QuickNanny(*args, **kwargs)
+
+
+def dask_setup(worker) -> None:
+    """Run in each worker process of a `local:N` cluster as it starts (this module is its preload): ignore SIGINT.
+    A terminal's Ctrl-C reaches every process of its group; a worker that acted on it died mid-shard and its nanny
+    waited 4 s before killing it, while the command, which owns the cluster, stops and closes it anyway."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def ensure_api_url() -> None:
@@ -231,12 +257,39 @@ def ensure_api_url() -> None:
 
     url = PREFECT_API_URL.value()
     if not url:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        server = SubprocessASGIServer()
-        server.start()
-        url = server.api_url
+        url = start_temporary_server().api_url
     os.environ["PREFECT_API_URL"] = url
+
+
+def start_temporary_server():
+    """Start Prefect's temporary local server now (the instance its client would start on first use, so the flows
+    use this one), in a session of its own: a terminal's Ctrl-C goes to the whole foreground process group, and
+    the server, killed first, left the interrupted flow to retry its last API calls for minutes. The command stops
+    it (`flows.pipeline.stop_temporary_server`, also on an interrupt); after a kill -9 the reaper does, as the
+    server carries the run's token. No-op once started."""
+    import functools
+    import subprocess
+    import types
+
+    from prefect.server.api import server as prefect_server
+
+    server = prefect_server.SubprocessASGIServer()
+    if server.running:
+        return server
+    spawn = server._run_uvicorn_command
+
+    def in_own_session():  # the same command, with Popen(start_new_session=True), for this call only
+        own = types.SimpleNamespace(**vars(subprocess))
+        own.Popen = functools.partial(subprocess.Popen, start_new_session=True)
+        prefect_server.subprocess, before = own, prefect_server.subprocess
+        try:
+            return spawn()
+        finally:
+            prefect_server.subprocess = before
+
+    server._run_uvicorn_command = in_own_session
+    server.start()
+    return server
 
 
 def run_sharded_extract(dataset: Path, extract_cfg: dict, root: Path, cluster: str, shard_videos: int = 32,

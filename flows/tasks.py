@@ -4,7 +4,8 @@ Each task takes paths, config dicts and flags (never tensors) and returns a smal
 `outcome`: stage, key, folder, reused or computed, seconds, and the stage's own numbers. Reuse is decided by the
 artifact store's stage keys, so Prefect's own result cache is off (`NO_CACHE`). Tasks that run an encoder or a
 model carry the tag `gpu` (`prefect concurrency-limit create gpu 1` serialises them on a shared GPU); only the
-I/O task (preparing the dataset) retries.
+I/O task (preparing the dataset) retries. Task runs are named after their stage (`task_run_name`: `extract_audio`,
+`finetune`, `train`, ...), and the pictures a stage writes are embedded in its artifacts (`flows.pictures`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
@@ -22,6 +23,7 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from flows.pictures import finetune_png, pictures_markdown, replace_images
 from pipeline import ave
 from pipeline.progress import reporter
 from pipeline.store import ArtifactStore, Manifest
@@ -58,12 +60,23 @@ def stage_markdown(m: Manifest, folder: Path, reused: bool, seconds: float) -> s
     return "\n".join(lines)
 
 
-def publish(stage: str, label: str, folder: Path, reused: bool, seconds: float, extra: dict | None = None) -> dict:
-    """Markdown summary + link artifacts for one finished stage, and the outcome dict the flow collects."""
+def manifest_pictures(m: Manifest, folder: Path) -> list[tuple[str, Path]]:
+    """The PNG files a stage records among its outputs, as (title, path)."""
+    return [(name.replace("_", " "), folder / o.path) for name, o in m.outputs.items()
+            if o.path.lower().endswith(".png")]
+
+
+def publish(stage: str, label: str, folder: Path, reused: bool, seconds: float, extra: dict | None = None,
+            pictures: list[tuple[str, Path]] | None = None) -> dict:
+    """Markdown summary + link artifacts for one finished stage, and the outcome dict the flow collects. The
+    summary embeds `pictures` ((title, PNG) pairs; None: the PNG outputs the stage's manifest records)."""
     manifest = ArtifactStore(folder.parent.parent).manifest(folder.parent.name, folder.name)
     key = _artifact_key(label)
-    create_markdown_artifact(stage_markdown(manifest, folder, reused, seconds), key=key,
-                             description=f"{label}: {'reused' if reused else 'computed'}")
+    text = stage_markdown(manifest, folder, reused, seconds)
+    pictures = manifest_pictures(manifest, folder) if pictures is None else pictures
+    if pictures:
+        text += "\n\n## pictures\n\n" + pictures_markdown(pictures)
+    create_markdown_artifact(text, key=key, description=f"{label}: {'reused' if reused else 'computed'}")
     create_link_artifact(folder.resolve().as_uri(), link_text=str(folder), key=f"{key}-folder",
                          description=f"{label} artifact folder")
     reporter().finish(label, reused, seconds)
@@ -94,7 +107,7 @@ class Progress:
         update_progress_artifact(self.id, 100.0)
 
 
-@task(name="prepare-dataset", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="prepare-dataset", task_run_name="prepare_dataset", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def prepare_dataset(dataset: dict, root: str) -> str:
     """The dataset folder: the given one (checked), or a synthetic one generated under <root>/datasets/."""
     from pipeline.ave.synth import MARKER, SynthConfig, generate_dataset
@@ -126,7 +139,7 @@ def prepare_dataset(dataset: dict, root: str) -> str:
     return str(out)
 
 
-@task(name="extract", tags=GPU, cache_policy=NO_CACHE)
+@task(name="extract", task_run_name="{label}", tags=GPU, cache_policy=NO_CACHE)
 def extract_task(dataset: str, extract_cfg: dict, root: str, modality: str, label: str, force: bool = False) -> dict:
     from pipeline.ave.extract import ExtractConfig, extract
 
@@ -141,7 +154,7 @@ def extract_task(dataset: str, extract_cfg: dict, root: str, modality: str, labe
                     "failed_rows": len(result.failed_rows)})
 
 
-@task(name="finetune", tags=GPU, cache_policy=NO_CACHE)
+@task(name="finetune", task_run_name="finetune", tags=GPU, cache_policy=NO_CACHE)
 def finetune_task(dataset: str, audio_h5: str, finetune_cfg: dict, root: str, resnet_weights: str | None,
                   random_init: bool, force: bool = False) -> dict:
     from pipeline.ave.finetune import FinetuneConfig, finetune_stage
@@ -157,10 +170,11 @@ def finetune_task(dataset: str, audio_h5: str, finetune_cfg: dict, root: str, re
     return publish("finetune", "finetune", result.dir, result.reused, time.perf_counter() - t0,
                    {"weights": str(result.weights), "weights_sha256": result.sha256,
                     "retrieval_before": result.metrics.get("retrieval_before"),
-                    "retrieval_after": result.metrics.get("retrieval_after")})
+                    "retrieval_after": result.metrics.get("retrieval_after")},
+                   pictures=_finetune_pictures(result.dir, result.reused))
 
 
-@task(name="train", tags=GPU, cache_policy=NO_CACHE)
+@task(name="train", task_run_name="{label}", tags=GPU, cache_policy=NO_CACHE)
 def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, root: str, label: str = "train",
                force: bool = False) -> dict:
     from pipeline.ave.features import from_dataset
@@ -185,7 +199,7 @@ def train_task(dataset: str, visual_h5: str, audio_h5: str, train_cfg: dict, roo
                     "all_background_accuracy": m["all_background_accuracy"], "best_epoch": m["best_epoch"]})
 
 
-@task(name="evaluate", tags=GPU, cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate", tags=GPU, cache_policy=NO_CACHE)
 def evaluate_task(checkpoint: str, dataset: str, visual_h5: str, audio_h5: str, root: str, split: str = "test",
                   force: bool = False) -> dict:
     from pipeline.ave.features import from_dataset
@@ -195,16 +209,30 @@ def evaluate_task(checkpoint: str, dataset: str, visual_h5: str, audio_h5: str, 
     t0 = time.perf_counter()
     result = evaluate_stage(Path(checkpoint), fs, Path(root), split, force=force)
     report = result.dir / f"report_{split}.md"
-    if report.is_file():  # the Prefect UI cannot show local images: the artifact names the PNG files instead
-        from pipeline.ave.plots import artifact_markdown
-
-        create_markdown_artifact(artifact_markdown(report), key="evaluation-report",
-                                 description=f"evaluation report ({split} split)")
+    if report.is_file():  # the Prefect UI cannot show local images: the report's pictures embedded as data URIs
+        create_markdown_artifact(replace_images(report.read_text(encoding="utf-8"), report.parent),
+                                 key="evaluation-report", description=f"evaluation report ({split} split)")
     m = result.metrics
     return publish("evaluate", "evaluate", result.dir, result.reused, time.perf_counter() - t0,
                    {"split": split, "accuracy": m["accuracy"], "all_background_accuracy": m["all_background_accuracy"],
                     "event_f1": m["event"]["f1"], "correct_segments": m["correct_segments"],
-                    "segments": m["segments"]})
+                    "segments": m["segments"]},
+                   pictures=[])  # in the evaluation-report artifact
+
+
+def _finetune_pictures(folder: Path, reused: bool) -> list[tuple[str, Path]]:
+    """The fine-tuning stage's own pictures, or else the loss and retrieval curves drawn here (once per run)."""
+    m = ArtifactStore(folder.parent.parent).manifest(folder.parent.name, folder.name)
+    own = manifest_pictures(m, folder)
+    if own:
+        return own
+    out = folder / "curves.png"
+    if not (reused and out.is_file()):
+        try:
+            finetune_png(folder, out)
+        except Exception as e:  # a picture never fails the stage
+            get_run_logger().warning(f"fine-tuning curves not drawn: {type(e).__name__}: {e}")
+    return [("fine-tuning loss and retrieval", out)]
 
 
 def results_table(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -234,13 +234,16 @@ def launch(fn: Callable[..., Any], args: Sequence[Any], nproc: int, device: torc
         raise UserError(f"--nproc {nproc} on CUDA needs {nproc} GPUs (one per process), {torch.cuda.device_count()} "
                         f"visible; lower --nproc or use --device cpu")
     with tempfile.TemporaryDirectory(prefix="avel-ddp-") as tmp:
+        # SIGINT and SIGTERM stay with the caller (the CLI's one-line interrupt, or Python's KeyboardInterrupt):
+        # the agent's handlers would pass a Ctrl-C on to the ranks, which ignore it (see `_worker`), and wait 30 s
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                               monitor_interval=0.1, start_method="spawn", local_addr="localhost",
-                              logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp) / "logs")))
+                              logs_specs=DefaultLogsSpecs(log_dir=str(Path(tmp) / "logs")),
+                              signals_to_handle="SIGHUP,SIGQUIT")
         threads = cpu_threads_per_rank(nproc) if device.type == "cpu" else 0
         try:
-            with _quiet_elastic_logs():
+            with _quiet_elastic_logs(), _signal_handlers_kept():
                 results = elastic_launch(config, _worker)(fn, tuple(args), device, threads, tmp, os.getpid())
         except ChildFailedError as e:
             messages = sorted(Path(tmp).glob("rank-*.error"))
@@ -255,6 +258,26 @@ def launch(fn: Callable[..., Any], args: Sequence[Any], nproc: int, device: torc
                 why = why.get("message", why)
             raise RuntimeError(f"{nproc}-process run failed (rank {first}): {why}") from None
     return results.get(0)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """The process's signal handlers as they were before the block: the elastic agent installs its own for the
+    signals it handles and leaves them behind. An interrupt (KeyboardInterrupt from the caller's handler) ends the
+    agent's loop; its shutdown sends the ranks SIGTERM."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 @contextlib.contextmanager
@@ -279,8 +302,13 @@ def _worker(fn: Callable[..., Any], args: tuple, device: torch.device, threads: 
             parent: int) -> Any:
     """One rank: the process settings of the CLI, the process group, `fn(*args)`, and a note for the launcher if
     `fn` raised a UserError (the launcher turns it back into one)."""
+    import signal
+
     from pipeline.runtime import ExitWithProcess, configure_process
 
+    # a terminal's Ctrl-C reaches every process of its group: the launching process decides, and its agent ends the
+    # ranks with SIGTERM (a rank that acted on it alone could leave its peer waiting in a collective, or print)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     ExitWithProcess(parent)()  # nothing outlives the command that launched the ranks
     configure_process()
     if threads:

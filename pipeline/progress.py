@@ -11,6 +11,10 @@ seconds). Off a terminal (CI logs, pipes) it prints a plain line at every 10 % i
 `quiet_native_output(log)` sends everything written to the process's stdout/stderr file descriptors, by this
 process and by the processes it starts (Prefect's temporary server, library warnings), to a log file, and
 returns a Console on the real terminal for what the person watching should see.
+
+For an interrupted command: `running_stages()` names the stages a RichReporter saw start and not finish,
+`stop_live()` takes the live bars off the terminal, and `terminal_fd(2)` is the real terminal's stderr even inside
+`quiet_native_output` (where fd 2 is the log).
 """
 
 from __future__ import annotations
@@ -38,10 +42,30 @@ class Reporter:
 
 
 _current: Reporter = Reporter()
+_running: dict[str, None] = {}  # labels started and not finished, in start order (a RichReporter's stages)
+_terminal: dict[int, int] = {}  # inside quiet_native_output: fd 1 / 2 -> a copy of the real terminal's fd
 
 
 def reporter() -> Reporter:
     return _current
+
+
+def running_stages() -> list[str]:
+    """The stages a RichReporter has seen start and not finish, oldest first (after an interrupt: where it stopped)."""
+    return list(_running)
+
+
+def stop_live() -> None:
+    """Take the installed RichReporter's live bars off the terminal now (an interrupted command that ends at once,
+    so that its last line does not land inside a bar)."""
+    if isinstance(_current, RichReporter):
+        _current.close()
+
+
+def terminal_fd(fd: int) -> int:
+    """The real terminal's file descriptor for `fd` (1 or 2): inside `quiet_native_output` a copy it keeps, since
+    fds 1 and 2 point at the log there; `fd` itself elsewhere."""
+    return _terminal.get(fd, fd)
 
 
 @contextlib.contextmanager
@@ -74,8 +98,9 @@ class RichReporter(Reporter):
             self.bar.reset(self.tasks[label], total=total)
         else:
             self.tasks[label] = self.bar.add_task("", total=total, label=label)
+        _running[label] = None
         if not self.live:
-            self.console.print(f"{label}: started", highlight=False)
+            self.console.print(f"{label}: started", highlight=False, soft_wrap=True)
 
     def update(self, label: str, done: int, total: int | None = None, text: str = "") -> None:
         if label not in self.tasks:
@@ -85,16 +110,18 @@ class RichReporter(Reporter):
             step = int(10 * done / total)
             if step > self.printed.get(label, 0):
                 self.printed[label] = step
-                self.console.print(f"{label}: {done}/{total} {text}".rstrip(), highlight=False)
+                self.console.print(f"{label}: {done}/{total} {text}".rstrip(), highlight=False, soft_wrap=True)
 
     def finish(self, label: str, reused: bool, seconds: float, note: str = "") -> None:
         if label in self.tasks:
             self.bar.remove_task(self.tasks.pop(label))
+        _running.pop(label, None)
         how = "[dim]reused[/dim]" if reused else "[green]computed[/green]"
-        self.console.print(f"  {label}: {how} in {seconds:.1f} s{'  ' + note if note else ''}", highlight=False)
+        self.console.print(f"  {label}: {how} in {seconds:.1f} s{'  ' + note if note else ''}", highlight=False,
+                           soft_wrap=True)
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.live:
@@ -113,6 +140,9 @@ def quiet_native_output(log: Path) -> Iterator[Console]:
     with open(log, "a", encoding="utf-8") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
+    outermost = not _terminal  # nested: the outer block's copies are the terminal
+    if outermost:
+        _terminal.update({1: saved_out, 2: saved_err})
     try:
         yield Console(file=term_out, force_terminal=term_out.isatty() or None)
     finally:
@@ -120,6 +150,8 @@ def quiet_native_output(log: Path) -> Iterator[Console]:
         sys.stderr.flush()
         os.dup2(saved_out, 1)
         os.dup2(saved_err, 2)
+        if outermost:
+            _terminal.clear()
         os.close(saved_out)
         os.close(saved_err)
         term_out.close()

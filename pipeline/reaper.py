@@ -9,6 +9,9 @@ then sends SIGTERM to every process whose environment holds the token, and SIGKI
 Why not process groups: killing the command's group could hit the shell or a pipeline it runs in, and a command
 cannot leave its terminal's foreground group without losing Ctrl-C. Why not parent-death signals: the processes
 that outlived a kill -9 (Prefect's server, the fork server) are started by libraries, not by us.
+An interrupted command (Ctrl-C, SIGTERM: `pipeline.cli.catch_interrupts`) ends through `os._exit` and leaves the
+rest to this watcher too: Prefect's temporary server (in a session of its own, so that Ctrl-C does not reach it
+first), Dask's workers, the fork server and its DataLoader workers.
 The workers also watch their parent themselves (`runtime.worker_options`), for runs not started by the CLI.
 """
 
@@ -95,6 +98,9 @@ def reap(token: str) -> int:
 
 if __name__ == "__main__":
     watched, run_token = int(sys.argv[1]), sys.argv[2]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the command, not for its cleaner
+    # a terminal's Ctrl-C is for the command, not for its cleaner; so is a SIGTERM sent to every process of a
+    # container or service: the watcher ends by itself once the command has, after ending what it left
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     wait_for_exit(watched)
     reap(run_token)

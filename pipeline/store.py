@@ -9,6 +9,14 @@ Writes are atomic (temporary name, then `os.replace`): a killed run leaves eithe
 leftover that is never mistaken for output, and a manifest says `complete` only after every output exists.
 A run that computes an artifact holds its lock (`pipeline.locks`) from `open` to `complete`/`fail`, so runs that
 share a store compute each artifact once: the second waits, then finds it complete and reuses it.
+
+A complete artifact is reused only while its outputs are still the files the manifest recorded (`check_output`):
+the size always; the sha256 of a file up to DIGEST_MAX_BYTES; for a bigger file (an AVE feature file is 16 GB: it
+is never hashed on reuse) what its format says cheaply: an HDF5 file opens and holds a dataset of the recorded shape,
+a .npy header gives the recorded shape. Only what a manifest recorded is checked (an old one without digests: the
+size). A changed output is one `notice:` line and the stage recomputes, as `--force` would; with the process-wide
+`reuse_policy.recompute` off (`--no-recompute`, `set_recompute`) it is one UserError naming the file.
+
 This module knows nothing of particular stages; they describe themselves through `StageRun`.
 """
 
@@ -21,6 +29,7 @@ import os
 import platform
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +42,12 @@ from pipeline.locks import ArtifactLock
 
 MANIFEST = "manifest.json"
 KEY_CHARS = 16  # 64 bits of sha256: collisions are not a concern for a few thousand artifacts
+# Outputs up to this size get a sha256 when written and have it checked when reused. sha256 runs at ~2 GB/s here
+# (SHA-NI; ~0.5 GB/s without), so a file at the limit costs ~30-130 ms from the page cache and ~0.3-0.6 s from a
+# 100-200 MB/s disk, and a pipeline reuses a few dozen outputs: reuse stays well under a second or two. What falls
+# under it: manifests' JSON/CSV/PNG, CACE-Net checkpoints, small (test, demo) feature files. What does not: the AVE
+# feature files (GBs) and fine-tuned encoder weights (~100 MB): their size and format checks are what reuse costs.
+DIGEST_MAX_BYTES = 64 * 2**20
 TRACKED_LIBRARIES = ("torch", "torchvision", "torchaudio", "numpy", "h5py", "decord", "panns-inference", "librosa")
 
 
@@ -136,9 +151,12 @@ class StageRun:
         write_json_atomic(self.dir / MANIFEST, self.manifest.model_dump())
 
     def add_output(self, name: str, relpath: str, *, shape=None, dtype=None, sha256: bool = False) -> None:
+        """Record an output file: its size, and its sha256 when it is at most DIGEST_MAX_BYTES (what a reuse
+        checks), or whatever its size when `sha256` asks (a digest the stage reports, e.g. fine-tuned weights')."""
         path = self.dir / relpath
+        size = path.stat().st_size
         self.manifest.outputs[name] = OutputFile(
-            path=relpath, bytes=path.stat().st_size, sha256=file_sha256(path) if sha256 else None,
+            path=relpath, bytes=size, sha256=file_sha256(path) if sha256 or size <= DIGEST_MAX_BYTES else None,
             shape=list(shape) if shape is not None else None, dtype=str(dtype) if dtype is not None else None)
 
     def output_path(self, name: str) -> Path:
@@ -153,6 +171,11 @@ class StageRun:
         """Every output the manifest records is still there (a complete artifact whose files were removed is not
         reused)."""
         return all((self.dir / o.path).is_file() for o in self.manifest.outputs.values())
+
+    def changed(self) -> str | None:
+        """'<file> changed since it was written (<what>)' for the first recorded output that is not what the stage
+        wrote (`check_output`), None when every one still is."""
+        return changed_output(self.dir, self.manifest)
 
     def restart(self) -> None:
         """Forget a previous result (`--force`): a fresh running manifest; the stage overwrites its files. Takes
@@ -206,8 +229,20 @@ class ArtifactStore:
         return read_manifest(path)
 
     def is_complete(self, stage: str, key: str) -> bool:
-        m = self.manifest(stage, key)
-        return m is not None and m.status == "complete"
+        """Complete and reusable as it is (`reusable`): a complete artifact whose outputs changed is not."""
+        return self.reusable(stage, key)
+
+    def reusable(self, stage: str, key: str, manifest: Manifest | None = None) -> bool:
+        """Whether the artifact is complete and its recorded outputs are still what was written: the check a stage
+        that looks before it opens (to skip building encoders) makes, the same as `stage`'s. A changed output is
+        False here (the stage prints the notice when it recomputes), or with `--no-recompute` the UserError."""
+        m = manifest if manifest is not None else self.manifest(stage, key)
+        if m is None or m.status != "complete":
+            return False
+        change = changed_output(self.path(stage, key), m)
+        if change is not None and not reuse_policy.recompute:
+            raise UserError(_refusal(stage, key, change))
+        return change is None
 
     def open(self, stage: str, version: str, config: dict, inputs: dict[str, str]) -> StageRun:
         """Open (or re-open, to resume) the folder of this stage + config + inputs.
@@ -250,10 +285,11 @@ class ArtifactStore:
                     return result_of(run)
                 ...write files into run.dir, run.add_output(...), run.manifest.metrics = ...
 
-        - A complete artifact whose recorded outputs are all there is handed back with `run.reused` True, no lock
-          held, and left untouched by the block's end.
-        - `force`, or a complete artifact with outputs missing: the folder is emptied under the artifact's lock
-          and the stage starts from nothing (a fresh manifest).
+        - A complete artifact whose recorded outputs are all there as written (`StageRun.changed`) is handed back
+          with `run.reused` True, no lock held, and left untouched by the block's end.
+        - `force`, or a complete artifact with an output missing or changed (one `notice:` line; a UserError
+          instead with `--no-recompute`): the folder is emptied under the artifact's lock and the stage starts
+          from nothing (a fresh manifest).
         - Otherwise the folder is opened (or re-opened, so the stage can resume from its per-item records) with
           the lock held.
         - The block ends normally: a run still `running` is completed (its outputs must exist); one the block
@@ -262,10 +298,23 @@ class ArtifactStore:
         """
         run = self.open(stage, version, config, inputs)
         try:
-            if run.is_complete and not force and run.outputs_present:
-                run.reused = True
-                yield run
-                return
+            if run.is_complete and not force:
+                seen = run.manifest
+                change = run.changed()
+                if change is not None:
+                    if not reuse_policy.recompute:
+                        raise UserError(_refusal(stage, seen.key, change))
+                    _notify(f"notice: {stage} {seen.key}: {change}; recomputing")
+                    run.lock.acquire()  # a run recomputing it meanwhile holds it: wait, then look again
+                    now = self.manifest(stage, seen.key)
+                    if now is not None and now.status == "complete" and now != seen:
+                        run.manifest = now
+                        change = run.changed()
+                if change is None:
+                    run.lock.release()
+                    run.reused = True
+                    yield run
+                    return
             if run.is_complete or force:
                 run.restart()
                 _empty_folder(run.dir)
@@ -307,6 +356,102 @@ class ArtifactStore:
             raise UserError(f"no artifact matches {ref!r} under {self.root}; `avel inspect --root {self.root}` "
                             f"lists them")
         raise UserError(f"{ref!r} matches {len(matches)} artifacts; give more of the key")
+
+
+# ---- reuse checks -----------------------------------------------------------------------------------------------
+@dataclass
+class ReusePolicy:
+    recompute: bool = True  # False: a reused artifact whose output changed is an error (`--no-recompute`)
+
+
+reuse_policy = ReusePolicy()
+
+
+def set_recompute(recompute: bool) -> None:
+    reuse_policy.recompute = recompute
+
+
+def check_output(path: Path, recorded: OutputFile) -> str | None:
+    """What differs between the file at `path` and its manifest record (`size 1000 != 5678`, ...), or None.
+
+    Size first (a stat); then the sha256 where one was recorded and the file is at most DIGEST_MAX_BYTES; a file
+    not checked by digest (bigger, or an old record without one) by its format's header: HDF5 opens and has a
+    dataset of the recorded shape and dtype, a .npy header gives them. Never reads a big file's data."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    size = path.stat().st_size
+    if recorded.bytes is not None and size != recorded.bytes:
+        return f"size {size} != {recorded.bytes}"
+    if recorded.sha256 and size <= DIGEST_MAX_BYTES:
+        digest = file_sha256(path)
+        return None if digest == recorded.sha256 else f"sha256 {digest[:12]}... != {recorded.sha256[:12]}..."
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        return _check_hdf5(path, recorded.shape, recorded.dtype)
+    if suffix == ".npy":
+        return _check_npy(path, recorded.shape, recorded.dtype)
+    return None
+
+
+def changed_output(folder: Path, manifest: Manifest) -> str | None:
+    """'<file> changed since it was written (<what>)' for the first of `manifest`'s outputs that differs."""
+    for o in manifest.outputs.values():
+        what = check_output(Path(folder) / o.path, o)
+        if what is not None:
+            return f"{Path(folder) / o.path} changed since it was written ({what})"
+    return None
+
+
+def _check_hdf5(path: Path, shape: list[int] | None, dtype: str | None) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r", locking=False) as f:  # a reader elsewhere is no reason to recompute
+            if shape is None:
+                return None
+            found: list[tuple[list[int], str]] = []
+            f.visititems(lambda _, obj: found.append((list(obj.shape), str(obj.dtype)))
+                         if isinstance(obj, h5py.Dataset) else None)
+    except (OSError, ValueError, RuntimeError) as e:
+        return f"not readable as HDF5: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if any(s == shape and (dtype is None or d == dtype) for s, d in found):
+        return None
+    return f"no dataset of shape {shape}{f' {dtype}' if dtype else ''} in it"
+
+
+def _check_npy(path: Path, shape: list[int] | None, dtype: str | None) -> str | None:
+    from numpy.lib import format as npy
+
+    try:  # the header only
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            found, _, found_dtype = (npy.read_array_header_1_0(f) if version == (1, 0) else
+                                     npy.read_array_header_2_0(f))
+    except (OSError, ValueError) as e:
+        return f"not readable as .npy: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    if shape is not None and list(found) != shape:
+        return f"shape {list(found)} != {shape}"
+    if dtype is not None and str(found_dtype) != dtype:
+        return f"dtype {found_dtype} != {dtype}"
+    return None
+
+
+def _refusal(stage: str, key: str, change: str) -> str:
+    return f"{stage} {key}: {change}; run again without --no-recompute to recompute it, or with --force"
+
+
+def _notify(text: str) -> None:
+    """One line for the person watching: the live display's, or stderr without one."""
+    import sys
+
+    from pipeline.progress import Reporter, reporter
+
+    r = reporter()
+    if type(r) is Reporter:
+        print(text, file=sys.stderr, flush=True)
+    else:
+        r.note(text)
 
 
 def _empty_folder(folder: Path) -> None:

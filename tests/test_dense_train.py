@@ -136,6 +136,10 @@ def test_flow_from_raw_videos_reuses_and_predict_recomputes_the_same_features(pr
     assert [o["stage"] for o in first["stages"]] == ["dense_extract", "dense_train", "dense_evaluate"]
     assert not any(o["reused"] for o in first["stages"]) and first["random_init"]
     assert any("RANDOM WEIGHTS" in w for w in first["warnings"])
+    from tests.test_flow_artifacts import assert_embeds_pictures, latest_markdown_artifacts
+
+    evaluation = next(t for t in latest_markdown_artifacts("dense-evaluation") if str(tmp_path) in t)
+    assert "_timeline.png" in evaluation and assert_embeds_pictures(evaluation)  # the test video's timeline
     second = dense_pipeline(config_path=str(path))
     assert all(o["reused"] for o in second["stages"]) and second["average_mAP"] == first["average_mAP"]
     third = dense_pipeline(config_path=str(path), overrides=["train.lr=0.002"])

@@ -126,8 +126,9 @@ def many_ds(tmp_path_factory) -> Path:
 def test_registry():
     assert {"resnet50", "cnn14"} <= set(list_extractors())
     assert "resnet50" in list_extractors("visual") and "cnn14" in list_extractors("audio")
-    with pytest.raises(ValueError, match="unknown extractor 'vgg19'.*cnn14.*resnet50"):
-        create_extractor("vgg19")
+    assert {"vgg19", "i3d_rgb", "i3d_flow"} <= set(list_extractors("visual")) and "vggish" in list_extractors("audio")
+    with pytest.raises(ValueError, match="unknown extractor 'vgg16'.*cnn14.*resnet50"):
+        create_extractor("vgg16")
 
 
 def test_preprocessing_is_the_weights_own_transform():

@@ -14,6 +14,12 @@ from flows.pipeline import full_pipeline  # noqa: E402  (after the importorskip)
 from pipeline.progress import Reporter, use_reporter  # noqa: E402
 from pipeline.store import ArtifactStore  # noqa: E402
 from tests.features_fixture import TINY_MODEL  # noqa: E402
+from tests.test_flow_artifacts import (  # noqa: E402
+    assert_embeds_pictures,
+    assert_stage_names,
+    flow_run_artifacts,
+    task_run_names,
+)
 
 
 def tiny_config(root):
@@ -48,7 +54,8 @@ class Recorder(Reporter):
 def test_pipeline_runs_reuses_and_reruns_only_what_changed(prefect_harness, tmp_path):
     cfg = tiny_config(tmp_path)
     with use_reporter(Recorder()) as rec:
-        first = full_pipeline(config=cfg)
+        state = full_pipeline(config=cfg, return_state=True)
+    first = state.result()
     stages = by_label(first)
     # live progress: every stage starts, counts up to its total and finishes; epochs show loss and val accuracy
     finished = [e[1] for e in rec.events if e[0] == "finish"]
@@ -71,6 +78,15 @@ def test_pipeline_runs_reuses_and_reruns_only_what_changed(prefect_harness, tmp_
     with h5py.File(stages["extract_visual (fine-tuned)"]["path"]) as f:
         assert f.attrs["random_init"]
         assert f["avadataset"].shape[:2] == (6, 10)  # one row per video (no duplicate rows below 10 videos)
+    # what the Prefect UI shows: pictures embedded in the artifacts, task runs named after their stage
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert len(assert_embeds_pictures(artifacts["evaluation-report"], at_least=2)) == 2  # confusion, per class
+    assert_embeds_pictures(artifacts["train"])  # training curves
+    assert_embeds_pictures(artifacts["finetune"])  # loss and retrieval
+    assert "data:image" not in artifacts["extract-audio"]
+    names = task_run_names(state.state_details.flow_run_id, {"extract_audio", "finetune", "train", "evaluate"})
+    assert_stage_names(names, {"prepare_dataset", "extract_audio", "extract_visual (initial encoder)", "finetune",
+                               "extract_visual (fine-tuned)", "train", "evaluate"})
 
     second = full_pipeline(config=cfg)
     assert all(o["reused"] for o in second["stages"])

@@ -86,7 +86,7 @@ def test_prefect_report_artifact_names_the_pictures(stages, monkeypatch):
                                  str(folder / "audio_feature.h5"), str(d / "root"), "test")
     assert out == {"ok": True}
     text = made["evaluation-report"]
-    assert "![" not in text  # no local images in the UI: their paths instead
+    assert text.count("](data:image/png;base64,") == 2  # the UI shows embedded pictures, not local files
     named = re.findall(r"\(PNG\): `([^`]+)`", text)
     assert [Path(p).name for p in named] == ["confusion_test.png", "per_class_test.png"]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in named)

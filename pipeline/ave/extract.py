@@ -476,7 +476,8 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
     todo = {}
     for m, plan in plans.items():
         manifest = store.manifest(plan.stage, plan.key)
-        if not force and manifest is not None and manifest.status == "complete" and \
+        # the store's own reuse check (outputs as written; --no-recompute's error), before any encoder is built
+        if not force and store.reusable(plan.stage, plan.key, manifest) and \
                 (store.path(plan.stage, plan.key) / OUTPUT_FILES[m]).is_file():
             results[m] = _open_result(store, m, plan.key, manifest, True, len(ds))
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -467,24 +466,6 @@ def evaluation_report_md(metrics: Mapping[str, Any], images: Mapping[str, Path],
     with atomic_path(out) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     return out
-
-
-_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)]+)\)")
-
-
-def artifact_markdown(report: Path) -> str:
-    """The report's text for a place that cannot show local images (a Prefect markdown artifact): each embedded
-    image becomes a line naming the PNG's absolute path."""
-    report = Path(report)
-    text = report.read_text(encoding="utf-8")
-
-    def repl(m: re.Match) -> str:
-        target = Path(m.group(2))
-        if not target.is_absolute():
-            target = report.parent / target
-        return f"**{m.group(1)}** (PNG): `{target.resolve()}`"
-
-    return _IMAGE.sub(repl, text)
 
 
 def evaluation_pictures(metrics: Mapping[str, Any], out_dir: Path, split: str) -> dict[str, Path]:

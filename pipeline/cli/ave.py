@@ -17,7 +17,7 @@ from rich.table import Table
 
 from pipeline import ave
 from pipeline.cli import options as opt
-from pipeline.cli.options import NoWaitOption, RootOption, console
+from pipeline.cli.options import NoRecomputeOption, NoWaitOption, RootOption, console
 from pipeline.errors import UserError
 from pipeline.store import MANIFEST, ArtifactStore, read_manifest
 
@@ -47,7 +47,7 @@ def labels(dataset: Path = DatasetOption, out: Path = typer.Option(..., "--out",
     ds = ave.load_dataset(dataset)
     ave.write_labels(ds, out)
     console.print(f"wrote {out}: {len(ds)} rows x {ave.SEGMENTS} segments x {ds.background + 1} columns "
-                  f"({len(ds.classes)} classes + background)")
+                  f"({len(ds.classes)} classes + background)", highlight=False, soft_wrap=True)
 
 
 @dataset_app.command("check")
@@ -57,7 +57,7 @@ def dataset_check(dataset: Path = typer.Argument(..., help="Dataset folder."),
     ds = ave.load_dataset(dataset)
     report = ds.check(open_files=open_files)
     console.print(f"{report.rows} rows, {report.videos} unique videos in {ds.video_dir}: {report.present} present, "
-                  f"{len(report.missing)} missing, {len(report.unreadable)} unreadable")
+                  f"{len(report.missing)} missing, {len(report.unreadable)} unreadable", soft_wrap=True)
     for vid in report.missing[:20]:
         console.print(f"  missing    {ds.video_path(vid)}")
     for vid, why in list(report.unreadable.items())[:20]:
@@ -86,7 +86,7 @@ def print_dataset_summary(ds: ave.AVEDataset) -> None:
                       f"{100 * bg / max(seg.size, 1):.2f} %")
     console.print(table)
     console.print("classes: " + "; ".join(f"{i} {c}" for i, c in enumerate(ds.classes))
-                  + f"; {ds.background} background")
+                  + f"; {ds.background} background", highlight=False, soft_wrap=True)
 
 
 # ---- artifacts --------------------------------------------------------------------------------------------------
@@ -185,10 +185,12 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
           precision: Optional[str] = PrecisionOption,
           force: bool = opt.force("Retrain even if this config was trained before."),
           no_wait: bool = NoWaitOption,
+          no_recompute: bool = NoRecomputeOption,
           nproc: int = typer.Option(1, "--nproc", min=1, help="Training processes (DDP; one GPU each on CUDA): "
                                                                "each takes its share of every batch.")):
     """Train a localizer (CACE with its reference recipe by default) and report val-selected test accuracy."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     from rich.progress import Progress
 
     from pipeline.ave.train import TrainConfig, print_epoch, train_seeds
@@ -226,8 +228,8 @@ def train(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] = D
     if len(results) > 1:
         console.print(f"{summary['label']}: {summary['test_accuracy_mean']:.2f} +- "
                       f"{summary['test_accuracy_std']:.2f} % "
-                      f"over seeds {summary['seeds']}")
-    console.print(f"test accuracy: {summary['test_accuracy_mean']:.2f} %")
+                      f"over seeds {summary['seeds']}", highlight=False, soft_wrap=True)
+    console.print(f"test accuracy: {summary['test_accuracy_mean']:.2f} %", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -244,9 +246,11 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
             device: Optional[str] = opt.device(),
             precision: Optional[str] = PrecisionOption,
             force: bool = opt.force("Retrain runs that exist."),
-            no_wait: bool = NoWaitOption):
+            no_wait: bool = NoWaitOption,
+            no_recompute: bool = NoRecomputeOption):
     """Localizers side by side on the same features, splits, seeds and recipe: accuracy, event F1, size, speed."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     import hashlib
     import json
 
@@ -285,7 +289,7 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     label = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]
     md, _ = cmp.write_report(rows, out or root / "compare" / f"{label}-{digest}", list(fs.notes))
     console.print(cmp.markdown_table(rows), highlight=False, soft_wrap=True)
-    console.print(f"wrote {md}")
+    console.print(f"wrote {md}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -297,9 +301,11 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
              dtype: str = typer.Option("float32", help="float32 or float64 (the reference's precision)."),
              device: str = opt.device("auto"),
              precision: str = opt.precision("auto", "auto, fp32 or bf16 (autocast)."),
-             no_wait: bool = NoWaitOption):
+             no_wait: bool = NoWaitOption,
+             no_recompute: bool = NoRecomputeOption):
     """Evaluate a checkpoint: segment accuracy (papers' metric), per class, event/background P/R/F1."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     from pipeline.ave.train import evaluate_stage
 
     fs = _feature_set(features, dataset, visual, audio, root)
@@ -312,8 +318,9 @@ def evaluate(checkpoint: Path = typer.Option(..., "--checkpoint", help="best.pt 
     if "accuracy_without_postprocess" in m:
         console.print(f"{m['model']}: without post-processing {m['accuracy_without_postprocess']:.2f} %")
     console.print(f"event segments: precision {m['event']['precision']:.2f} %, recall {m['event']['recall']:.2f} %, "
-                  f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %")
-    console.print(f"{split} accuracy: {m['accuracy']:.2f} %")
+                  f"F1 {m['event']['f1']:.2f} %; all-background baseline {m['all_background_accuracy']:.2f} %",
+                  highlight=False, soft_wrap=True)
+    console.print(f"{split} accuracy: {m['accuracy']:.2f} %", highlight=False, soft_wrap=True)
 
 
 def _print_precision(precision: str, device: str) -> None:
@@ -351,10 +358,12 @@ def extract(dataset: Path = DatasetOption, root: Path = RootOption,
                                                  "workers; one per GPU) or tcp://HOST:8786 (an existing scheduler)."),
             shard_videos: Optional[int] = opt.shard_videos("Videos per shard (32)."),
             force: bool = opt.force("Recompute even if these features exist."),
-            no_wait: bool = NoWaitOption):
+            no_wait: bool = NoWaitOption,
+            no_recompute: bool = NoRecomputeOption):
     """Extract ResNet-50 and Cnn14 features, or AVE's released VGG-19 + VGGish ones (--feature-set ave), as visual.h5
     and audio.h5 in the AVE layout; resumes an interrupted run."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -440,11 +449,13 @@ def finetune(dataset: Path = DatasetOption, root: Path = RootOption,
              precision: Optional[str] = PrecisionOption,
              force: bool = opt.force("Fine-tune again even if this run exists (drops its resume point)."),
              no_wait: bool = NoWaitOption,
+             no_recompute: bool = NoRecomputeOption,
              nproc: int = typer.Option(1, "--nproc", min=1, help="Fine-tuning processes (DDP; one GPU each on "
                                                                   "CUDA): each takes its share of every batch.")):
     """Fine-tune ResNet-50 with InfoNCE on video-level audio/visual pairs (train+val, never test); report
     audio<->visual retrieval recall before/after on held-out videos; save weights for `avel extract`."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     from rich.panel import Panel
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -628,7 +639,8 @@ def _pipeline_run(config_path: Path | None, overrides: list[str], force: list[st
         term.print(f"{result['split']} accuracy: {result['accuracy']:.2f} % (all-background baseline "
                    f"{result['all_background_accuracy']:.2f} %) in {seconds:.0f} s, "
                    f"precision {'/'.join(sorted({note.split()[1] for note in precisions.values()}))}"
-                   + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
+                   + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False,
+                   soft_wrap=True)  # never wrapped: scripts read this last line (`tail -1`)
 
     return FlowRun(
         name="pipeline", root=cfg.root,
@@ -669,9 +681,11 @@ def run(config: Path = opt.config("Pipeline config YAML (see pipeline/ave/demo.y
         force: list[str] = ForceStagesOption,
         root: Optional[Path] = opt.root("Artifact store root (overrides the config).", default=None),
         verbose: bool = VerboseOption,
-        no_wait: bool = NoWaitOption):
+        no_wait: bool = NoWaitOption,
+        no_recompute: bool = NoRecomputeOption):
     """Run the full pipeline (Prefect flow): extract -> fine-tune -> re-extract -> train -> evaluate."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     _run_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
 
 
@@ -680,9 +694,11 @@ def demo(root: Path = RootOption,
          set_: list[str] = opt.set_("Override a demo setting, e.g. --set train.epochs=10."),
          force: list[str] = ForceStagesOption,
          verbose: bool = VerboseOption,
-         no_wait: bool = NoWaitOption):
+         no_wait: bool = NoWaitOption,
+         no_recompute: bool = NoRecomputeOption):
     """The full pipeline on a generated dataset with random-initialised encoders, CPU-sized (pipeline/ave/demo.yaml)."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     from pipeline.ave.pipeline_config import demo_config_path
 
     _run_pipeline(demo_config_path(), [f"root={root}", *set_], list(force), verbose)

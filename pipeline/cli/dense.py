@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.cli import options as opt
-from pipeline.cli.options import NoWaitOption, RootOption, console
+from pipeline.cli.options import NoRecomputeOption, NoWaitOption, RootOption, console
 from pipeline.errors import UserError
 
 dense_app = typer.Typer(no_args_is_help=True, help="Dense AVEL in untrimmed videos (the UnAV-100 layout).")
@@ -64,7 +64,7 @@ def dataset_check(annotations: Path = AnnotationsArg,
         problems += check_folder(Path(features), list(ds.videos))
     for p in problems:
         console.print(f"[red]problem:[/red] {p}", highlight=False, soft_wrap=True)
-    console.print(f"{len(ds.videos)} videos, {len(problems)} problem(s)")
+    console.print(f"{len(ds.videos)} videos, {len(problems)} problem(s)", highlight=False, soft_wrap=True)
     raise typer.Exit(1 if problems else 0)
 
 
@@ -86,7 +86,8 @@ def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation
                                                           if shape_mode else {}))
         with console.status("writing features"):
             path = generate_feature_dataset(out, cfg)
-        console.print(f"wrote {path} and {cfg.train + cfg.val + cfg.test} x 3 feature files in {out / 'features'}")
+        console.print(f"wrote {path} and {cfg.train + cfg.val + cfg.test} x 3 feature files in {out / 'features'}",
+                      highlight=False, soft_wrap=True)
     elif kind == "videos":
         from rich.progress import Progress
 
@@ -97,7 +98,7 @@ def synth(out: Path = typer.Option(..., "--out", help="Folder for the annotation
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("rendering videos", total=n)
             path = generate_video_dataset(out, cfg, progress=lambda done, total: progress.update(task, completed=done))
-        console.print(f"wrote {path} and {n} videos in {out / 'videos'}")
+        console.print(f"wrote {path} and {n} videos in {out / 'videos'}", highlight=False, soft_wrap=True)
     else:
         raise UserError(f"--kind {kind!r}: features or videos")
 
@@ -129,9 +130,11 @@ def extract(dataset: Path = opt.dataset("Folder with the annotation JSON and vid
             cluster: Optional[str] = opt.cluster("Shard over a Dask cluster: local:N (N local workers, one per GPU "
                                                  "with GPUs) or tcp://HOST:8786."),
             shard_videos: Optional[int] = opt.shard_videos("Videos per shard with --cluster."),
-            force: bool = opt.force("Recompute even if these features exist.")):
+            force: bool = opt.force("Recompute even if these features exist."),
+            no_recompute: bool = NoRecomputeOption):
     """Dense features of untrimmed videos (ResNet-50 + Cnn14 per window, or UnAV-100's I3D + VGGish recipe with
     --feature-set unav), one .npy per video and stream."""
+    opt.reuse_policy(no_recompute)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pipeline.dense.extract import DenseExtractConfig, dense_extract
@@ -198,8 +201,10 @@ def _map_table(title: str, m: dict) -> Table:
 
 def _print_map(m: dict, title: str, prefix: str = "") -> None:
     console.print(_map_table(title, m))
-    console.print(f"mean mAP over tIoU 0.5:0.9: {100 * m['average_mAP_0.5:0.9']:.2f} %")
-    console.print(f"{prefix}average mAP: {100 * m['average_mAP']:.2f} % (tIoU 0.1:0.9)")
+    console.print(f"mean mAP over tIoU 0.5:0.9: {100 * m['average_mAP_0.5:0.9']:.2f} %", highlight=False,
+                  soft_wrap=True)
+    console.print(f"{prefix}average mAP: {100 * m['average_mAP']:.2f} % (tIoU 0.1:0.9)", highlight=False,
+                  soft_wrap=True)
 
 
 @dense_app.command()
@@ -214,9 +219,11 @@ def train(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 
           seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds: one run each, mean and std."),
           device: Optional[str] = opt.device(),
           force: bool = opt.force("Retrain even if this config was trained on these features."),
-          no_wait: bool = NoWaitOption):
+          no_wait: bool = NoWaitOption,
+          no_recompute: bool = NoRecomputeOption):
     """Train the UnAV baseline (or LoCo with --lcf/--lac), select the epoch on validation, report test mAP once."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     import numpy as np
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -257,9 +264,10 @@ def train(annotations: Path = typer.Option(..., "--annotations", help="UnAV-100 
     console.print(_map_table(f"test ({tested[0]['test_label']})", {"mAP": tested[-1]["test_map"]}))
     avg = np.array([m["test_avg_map"] for m in tested]) * 100
     if len(avg) > 1:
-        console.print(f"test average mAP over seeds {seed_list}: {avg.mean():.2f} +- {avg.std(ddof=1):.2f} %")
+        console.print(f"test average mAP over seeds {seed_list}: {avg.mean():.2f} +- {avg.std(ddof=1):.2f} %",
+                      highlight=False, soft_wrap=True)
     console.print(f"test average mAP: {avg.mean():.2f} % (tIoU 0.1:0.9)"
-                  + (" [bold red](RANDOM WEIGHTS)[/bold red]" if fs.notes else ""))
+                  + (" [bold red](RANDOM WEIGHTS)[/bold red]" if fs.notes else ""), highlight=False, soft_wrap=True)
 
 
 @dense_app.command()
@@ -363,7 +371,7 @@ def predict(videos: list[Path] = typer.Argument(..., help="Untrimmed video files
             console.print(f"  {e['start']:7.2f}-{e['end']:7.2f} s  {e['label']}  {e['score']:.3f}", highlight=False)
     if any(r.get("random_weights") for r in results):
         console.print("[bold red]RANDOM WEIGHTS[/bold red]: the encoders are randomly initialised; these events test "
-                      "the pipeline only.")
+                      "the pipeline only.", highlight=False, soft_wrap=True)
     if all("error" in r for r in results):
         raise typer.Exit(1)
 
@@ -392,9 +400,10 @@ def _dense_pipeline_run(config_path: Path | None, overrides: list[str], force: l
         term.print(_map_table(f"{result['split']} mAP", result))
         term.print(f"detector: {result['checkpoint']}", highlight=False, soft_wrap=True)
         term.print(f"mean mAP over tIoU 0.5:0.9: {100 * result['average_mAP_high']:.2f} %; "
-                   f"{seconds:.0f} s in all", highlight=False)
+                   f"{seconds:.0f} s in all", highlight=False, soft_wrap=True)
         term.print(f"{result['split']} average mAP: {100 * result['average_mAP']:.2f} % (tIoU 0.1:0.9)"
-                   + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False)
+                   + (" [bold red](RANDOM WEIGHTS)[/bold red]" if random else ""), highlight=False,
+                   soft_wrap=True)  # never wrapped: scripts read this last line (`tail -1`)
 
     return FlowRun(
         name="dense pipeline", root=cfg.root,
@@ -421,9 +430,11 @@ def run(config: Path = opt.config("Dense pipeline YAML (see pipeline/dense/demo.
         force: list[str] = opt.force_stages("Recompute this stage and what follows: dense_extract, dense_train, "
                                             "dense_evaluate."),
         root: Optional[Path] = opt.root("Artifact store root (overrides the config).", default=None),
-        verbose: bool = VerboseOption, no_wait: bool = NoWaitOption):
+        verbose: bool = VerboseOption, no_wait: bool = NoWaitOption,
+        no_recompute: bool = NoRecomputeOption):
     """The dense pipeline (Prefect flow): untrimmed videos -> dense features -> detector -> mAP."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     _run_dense_pipeline(config, list(set_) + ([f"root={root}"] if root else []), list(force), verbose)
 
 
@@ -431,10 +442,12 @@ def run(config: Path = opt.config("Dense pipeline YAML (see pipeline/dense/demo.
 def demo(root: Path = RootOption,
          set_: list[str] = opt.set_("Override a demo setting, e.g. --set train.epochs=10."),
          force: list[str] = opt.force_stages("Recompute this stage and what follows."),
-         verbose: bool = VerboseOption, no_wait: bool = NoWaitOption):
+         verbose: bool = VerboseOption, no_wait: bool = NoWaitOption,
+         no_recompute: bool = NoRecomputeOption):
     """The whole dense pipeline on generated untrimmed videos with random encoders, CPU-sized (about 10 minutes
     on 2 cores; pipeline/dense/demo.yaml)."""
     opt.lock_policy(no_wait)
+    opt.reuse_policy(no_recompute)
     from pipeline.dense.pipeline_config import dense_demo_config_path
 
     _run_dense_pipeline(dense_demo_config_path(), [f"root={root}", *set_], list(force), verbose)

@@ -2,8 +2,8 @@
 
 Each option's flag, type and default live here; a command passes its own help text where the option means something
 particular there (which `--config` section it reads, what `--force` recomputes). Also here: what `--no-wait` does
-(`lock_policy`) and how a stage command layers its settings (`configured`: the config file, then `--set`, then the
-options given).
+(`lock_policy`), what `--no-recompute` does (`reuse_policy`) and how a stage command layers its settings
+(`configured`: the config file, then `--set`, then the options given).
 """
 
 from __future__ import annotations
@@ -37,6 +37,18 @@ def lock_policy(no_wait: bool) -> None:
     from pipeline.locks import set_wait
 
     set_wait(not no_wait)
+
+
+NoRecomputeOption = typer.Option(False, "--no-recompute", help="If an artifact to reuse has an output that changed "
+                                                                 "since it was written (a truncated or edited file), "
+                                                                 "end with an error naming it instead of recomputing.")
+
+
+def reuse_policy(no_recompute: bool) -> None:
+    """What --no-recompute means: a reused artifact whose output changed is an error instead of a recompute."""
+    from pipeline.store import set_recompute
+
+    set_recompute(not no_recompute)
 
 
 def force(help: str) -> Any:

@@ -56,15 +56,22 @@ def run_flow(prepare: Callable[[], FlowRun], verbose: bool) -> dict:
         for line in run.notes:
             term.print(line, highlight=False, soft_wrap=True)
         term.print("starting Prefect (a temporary local server unless PREFECT_API_URL is set; ~15 s)...",
-                   highlight=False)
+                   highlight=False, soft_wrap=True)
         with use_reporter(RichReporter(term)):
             from flows.pipeline import stop_temporary_server
+            from flows.sharded import ensure_api_url
 
             try:
+                ensure_api_url()  # the temporary server, in its own session: a Ctrl-C reaches it only through us
                 result = run.flow()
-            finally:
-                if not verbose:
-                    stop_temporary_server()  # now, while its output still goes to the log
+            except BaseException as e:
+                if not isinstance(e, Exception):  # Ctrl-C, SIGTERM: the server goes now, with little draining
+                    stop_temporary_server(drain_s=2)
+                elif not verbose:
+                    stop_temporary_server()
+                raise
+            if not verbose:
+                stop_temporary_server()  # now, while its output still goes to the log
         table = Table(title=run.table_title(result) if run.table_title else run.name)
         for col in ("stage", "", "seconds", "key"):
             table.add_column(col)
