@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -60,6 +61,7 @@ from extractors.weights import (
     WeightRules,
     WeightsInfo,
     check_state_dict,
+    hub_checkpoint,
     is_tensor_dict,
     locate_weights,
     read_checkpoint,
@@ -112,7 +114,7 @@ def _how(stream: str, flag: str):
 
 
 def _hub_file(name: str):
-    return lambda: Path(torch.hub.get_dir()) / "checkpoints" / name
+    return lambda: hub_checkpoint(name)
 
 
 register_weight_rules("i3d_rgb", WeightRules(_hub_file("i3d_rgb.pt"), "--i3d-rgb-weights",
@@ -328,10 +330,10 @@ class _I3DExtractor(ClipExtractor):
             maps = self.model.mixed_5c_maps(x.to(self.device))
         return pool_features(maps.float())
 
+    @abstractmethod
     def window_input(self, buffer: list[np.ndarray], start: int, state: dict) -> torch.Tensor:
         """The network input of the window whose stack+1 frames (`start` .. `start`+stack) are `buffer`; `state`
         is the clip's own (empty at its start): the extractor keeps no per-clip state, so threads may share it."""
-        raise NotImplementedError
 
     def encode_clip(self, source: Iterable) -> np.ndarray:
         """25-fps uint8 RGB frames [H,W,3] (any iterable; read once, frame by frame) -> float32 [T,1024]."""

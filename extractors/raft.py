@@ -41,6 +41,7 @@ from extractors.weights import (
     WeightRules,
     WeightsInfo,
     check_state_dict,
+    hub_checkpoint,
     is_tensor_dict,
     locate_weights,
     read_checkpoint,
@@ -59,7 +60,7 @@ PAD_MULTIPLE = 8
 
 
 def default_raft_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / RAFT_FILE
+    return hub_checkpoint(RAFT_FILE)
 
 
 register_weight_rules("raft", WeightRules(

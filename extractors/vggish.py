@@ -39,6 +39,7 @@ from extractors.base import ClipExtractor
 from extractors.weights import (
     WeightRules,
     check_state_dict,
+    hub_checkpoint,
     locate_weights,
     read_checkpoint,
     register_weight_rules,
@@ -92,7 +93,7 @@ TF_TO_TORCH = {"vggish/conv1": "features.0", "vggish/conv2": "features.3", "vggi
 
 
 def default_vggish_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGGISH_FILE
+    return hub_checkpoint(VGGISH_FILE)
 
 
 register_weight_rules("vggish", WeightRules(

@@ -70,8 +70,14 @@ class WeightsInfo:
         return out
 
 
+def hub_checkpoint(name: str) -> Path:
+    """Where torch hub keeps a downloaded checkpoint (`torch.hub.get_dir()/checkpoints/<name>`): the default place of
+    every torch-format weight file here."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
 def default_resnet50_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / RESNET50_FILE
+    return hub_checkpoint(RESNET50_FILE)
 
 
 def default_cnn14_path() -> Path:

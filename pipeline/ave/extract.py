@@ -52,7 +52,7 @@ from pydantic import Field
 from pipeline import ave, media
 from pipeline.ave.dataset import FEATURE_KEY
 from pipeline.errors import UserError
-from pipeline.extraction import encoders, shards
+from pipeline.extraction import encoders, recipes, shards
 from pipeline.extraction.engine import ProgressFn, run_videos
 from pipeline.extraction.feature_sets import FeatureSet, feature_set
 from pipeline.extraction.grids import RecipeGrid, SegmentGrid
@@ -437,21 +437,6 @@ def _file_attrs(plan: StagePlan, encoder: dict, cfg: ExtractConfig, digest: str)
     return attrs
 
 
-def recipe_record(cfg) -> dict:
-    """What a released set's manifest records of the tools behind its numbers (the spec's sources of mismatch:
-    decoder, ffmpeg build, resampler version, OpenCV, the frame-index rule)."""
-    from importlib import metadata
-
-    from pipeline.extraction import recipes
-
-    out = {"feature_set": cfg.feature_set, "decode_mode": cfg.decode_mode}
-    if cfg.decode_mode == "faithful":
-        out["ffmpeg"] = recipes.ffmpeg_info()
-    for lib in ("resampy", "opencv-python-headless", "soundfile", "imageio-ffmpeg", "decord", "av", "pillow"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            out[lib] = metadata.version(lib)
-    return out
-
 
 def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path = Path("artifacts"), *,
             force: bool = False, progress: ProgressFn | None = None,
@@ -504,7 +489,7 @@ def extract(dataset_dir: Path, cfg: ExtractConfig = ExtractConfig(), root: Path 
                 run.manifest.metrics["run"] = {"device": str(device), "workers": workers,
                                                "max_failure_share": cfg.max_failure_share}
                 if cfg.released():
-                    run.manifest.metrics["recipe"] = recipe_record(cfg)
+                    run.manifest.metrics["recipe"] = recipes.recipe_record(cfg)
                 warning = _random_lineage_warning(plan, described[m]["encoder"])
                 if warning and warning not in run.manifest.warnings:
                     run.manifest.warnings.insert(0, warning)

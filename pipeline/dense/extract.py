@@ -36,7 +36,7 @@ from pipeline.dense.annotations import load_annotations
 from pipeline.dense.features import LAYOUT_FILE
 from pipeline.dense.synthetic import ANNOTATIONS
 from pipeline.errors import UserError
-from pipeline.extraction import encoders, shards
+from pipeline.extraction import encoders, recipes, shards
 from pipeline.extraction.engine import ProgressFn, run_videos
 from pipeline.extraction.feature_sets import FeatureSet, feature_set
 from pipeline.extraction.grids import TIME_GRIDS, UNAV_GRID, RecipeGrid, TimeGrid, WindowGrid
@@ -256,9 +256,7 @@ def dense_extract(dataset_dir: Path, cfg: DenseExtractConfig, root: Path, *, for
         write_json_atomic(features / LAYOUT_FILE, layout)
         run.manifest.warnings = [RANDOM_WARNING.format(modality=m) for m in suffixes if cfg.random_init]
         if cfg.released():
-            from pipeline.ave.extract import recipe_record
-
-            run.manifest.metrics["recipe"] = recipe_record(cfg)
+            run.manifest.metrics["recipe"] = recipes.recipe_record(cfg)
         run.save()
         t_start = time.perf_counter()
         writer = NpyWriter(run, features, progress, len(paths), suffixes)

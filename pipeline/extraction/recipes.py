@@ -62,6 +62,20 @@ def _run_ffmpeg(args: list[str], what: str) -> None:
         raise media.MediaError(f"ffmpeg could not {what}: {proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
 
 
+def recipe_record(cfg) -> dict:
+    """What a released set's manifest records of the tools behind its numbers (the spec's sources of mismatch:
+    decoder, ffmpeg build, resampler version, OpenCV, the frame-index rule)."""
+    from importlib import metadata
+
+    out = {"feature_set": cfg.feature_set, "decode_mode": cfg.decode_mode}
+    if cfg.decode_mode == "faithful":
+        out["ffmpeg"] = ffmpeg_info()
+    for lib in ("resampy", "opencv-python-headless", "soundfile", "imageio-ffmpeg", "decord", "av", "pillow"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[lib] = metadata.version(lib)
+    return out
+
+
 # ---- AVE: 16 frames per second by the AVE scripts' index formula ----------------------------------------------------
 def ave_vid_len(duration_s: float, fps: float) -> int:
     """The frame count imageio <= 2.4 reported: round(duration x fps), duration as ffmpeg's banner prints it (2
