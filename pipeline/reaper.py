@@ -77,6 +77,16 @@ def wait_for_exit(pid: int) -> None:
         time.sleep(0.5)
 
 
+def kill_now(token: str, spare: frozenset[int] = frozenset()) -> None:
+    """SIGKILL the tagged processes (but `spare`) at once: an interrupted command is ending, and nothing it started
+    may go on starting (a decoding worker the fork server is spawning) or print after the command's last line."""
+    for pid in set(tagged(token)) - spare:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def reap(token: str) -> int:
     """SIGTERM the tagged processes, SIGKILL what is left after the grace period; how many were found."""
     victims = tagged(token)

@@ -22,6 +22,7 @@ from pipeline import locks
 from pipeline.ave.synth import SynthConfig, generate_dataset
 from pipeline.store import ArtifactStore
 from tests.features_fixture import TINY_MODEL, write_feature_folder
+from tests.processes import session_members, wait_for
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 
@@ -31,30 +32,6 @@ def ds(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("faults") / "synth"
     generate_dataset(out, SynthConfig(videos=8, classes=2, seed=4, fps=4, width=64, height=48), workers=1)
     return out
-
-
-def session_members(sid: int) -> list[int]:
-    """Live processes of a session (a command started with start_new_session=True, and all it started)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
-
-
-def wait_for(predicate, timeout: float, what: str, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def start(args, **kw) -> subprocess.Popen:

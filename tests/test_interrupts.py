@@ -25,6 +25,7 @@ from rich.console import Console
 
 from pipeline import reaper
 from tests.features_fixture import TINY_MODEL, write_feature_folder
+from tests.processes import session_members, wait_for
 
 CLI = [sys.executable, "-m", "pipeline.cli"]
 ENV = {**os.environ, "COLUMNS": "80"}  # piped at 80 columns: what `avel demo > log` gets
@@ -111,28 +112,6 @@ def _children(pid: int) -> list[int]:
             except OSError:
                 continue
     return out
-
-
-def session_members(sid: int) -> list[int]:
-    """Live (not zombie) processes of a session."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def group_gone(pgid: int) -> bool:
@@ -265,8 +244,8 @@ def test_a_command_that_does_not_stop_is_ended_by_the_deadline_or_a_second_signa
               "sys.argv = ['avel', 'demo']\n"
               "from pipeline.cli import catch_interrupts, finish_interrupted, interrupt_signal\n"
               "catch_interrupts()\n"
-              "print('ready', flush=True)\n"
               "try:\n"
+              "    print('ready', flush=True)  # inside the try: a signal right after it is the script's too\n"
               "    while True:\n"
               "        try:\n"
               "            time.sleep(60)\n"

@@ -201,6 +201,17 @@ def finish_interrupted(signum: int) -> None:
             process = instance.server_process
             if process is not None and process.poll() is None:
                 process.terminate()
+    # the run's children ended now, not by the watcher after this process: a DataLoader worker the fork server was
+    # still spawning would otherwise find the semaphores below unlinked and print a traceback after the line (seen
+    # under load)
+    from pipeline import reaper
+
+    if os.environ.get(reaper.TOKEN_VAR):
+        from multiprocessing import resource_tracker
+
+        # spared: the finalizers below tell it what they unlinked (a dead tracker's pipe would raise, and print)
+        tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+        reaper.kill_now(os.environ[reaper.TOKEN_VAR], frozenset({tracker} - {None}))
     # multiprocessing's own first exit step: its semaphores unlinked, which its resource tracker (on the terminal's
     # stderr) would otherwise find "leaked" and warn about after this line; bounded, in case a finalizer hangs
     from multiprocessing import util
