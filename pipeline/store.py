@@ -97,6 +97,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def write_comparison(out_dir: Path, notes: list[str], table: str, data: dict) -> tuple[Path, Path]:
+    """A comparison's `comparison.md` (the notes in bold above the markdown table) and `comparison.json` (`data`
+    with the notes), each written atomically; both tasks' compare commands write theirs so."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js = out_dir / "comparison.md", out_dir / "comparison.json"
+    with atomic_path(md) as tmp:
+        Path(tmp).write_text("\n".join([*(f"**{n}**\n" for n in notes), table, ""]), encoding="utf-8")
+    write_json_atomic(js, {**data, "notes": notes})
+    return md, js
+
+
 # ---- manifests --------------------------------------------------------------------------------------------------
 class OutputFile(BaseModel):
     path: str  # relative to the stage folder

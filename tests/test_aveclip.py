@@ -53,7 +53,7 @@ def test_window_layout_covers_every_step_and_masks_padding():
 
 def test_a_window_sees_only_its_own_steps():
     """Changing step 9 must not change the outputs of the short-window branch at steps 0-7 (window size 2)."""
-    model = tiny_model(window_sizes=(2,)).eval()
+    model = tiny_model(window_sizes=(2,), fusion="concat").eval()
     x = torch.randn(1, 10, 16)
     y = x.clone()
     y[:, 9] += 5.0
@@ -64,9 +64,81 @@ def test_a_window_sees_only_its_own_steps():
 def test_padded_steps_do_not_change_the_valid_ones():
     """A window of 3 over 4 steps: the last window holds step 3 plus 2 masked copies; its output equals the output
     of the same branch run on step 3 alone."""
-    model = tiny_model(window_sizes=(3,)).eval()
+    model = tiny_model(window_sizes=(3,), fusion="concat").eval()
     x = torch.randn(1, 4, 16)
     assert torch.allclose(model.branches[0](x)[:, 3], model.branches[0](x[:, 3:4])[:, 0], atol=1e-5)
+
+
+# ---- cross-modal windows (fusion: cross, the default) -------------------------------------------------------------
+@pytest.mark.parametrize("T,windows,stride", [(7, (3,), None), (13, (2, 5, 10), None), (9, (4,), 2), (1, (3, 4), 1)])
+@pytest.mark.parametrize("combine", ["concat_product", "concat", "sum"])
+def test_cross_windows_shapes_when_T_is_not_a_window_multiple(T, windows, stride, combine):
+    model = tiny_model(fusion="cross", cross_combine=combine, window_sizes=windows, window_stride=stride).eval()
+    v, a = torch.randn(2, T, 16), torch.randn(2, T, 16)
+    for branch in model.branches:
+        assert branch(v, a).shape == (2, T, 16)
+    out = model(torch.randn(2, T, 2, 2, 12), torch.randn(2, T, 6))
+    assert out.class_logits.shape == (2, T, C + 1) and out.branch_logits.shape == (len(windows), 2, T, C + 1)
+    assert torch.isfinite(out.class_logits).all() and torch.isfinite(out.event_logits).all()
+
+
+def test_cross_windows_mask_padded_steps_in_both_directions():
+    """Keys at padded steps take no part: garbage there leaves the real steps' outputs exactly as they were, and a
+    last window of one real step + 2 padded ones gives what the branch gives on that step alone."""
+    model = tiny_model(fusion="cross", window_sizes=(3,)).eval()
+    cross = model.branches[0].cross
+    v, a = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    garbage_v, garbage_a = v.clone(), a.clone()
+    garbage_v[~valid], garbage_a[~valid] = 1e3, -1e3
+    assert torch.allclose(cross(v, a, valid)[valid], cross(garbage_v, garbage_a, valid)[valid], atol=1e-5)
+    v, a = torch.randn(1, 4, 16), torch.randn(1, 4, 16)  # windows 0-2 and 3 (+2 padded)
+    alone = model.branches[0](v[:, 3:4], a[:, 3:4])[:, 0]
+    assert torch.allclose(model.branches[0](v, a)[:, 3], alone, atol=1e-5)
+
+
+def test_a_cross_window_sees_only_its_own_steps_of_either_modality():
+    model = tiny_model(fusion="cross", window_sizes=(2,)).eval()
+    v, a = torch.randn(1, 10, 16), torch.randn(1, 10, 16)
+    v9, a9 = v.clone(), a.clone()
+    v9[:, 9] += 5.0
+    a9[:, 9] += 5.0
+    bx = model.branches[0](v, a)
+    for changed in ((v9, a), (v, a9)):  # step 9 of the visual stream, then of the audio stream
+        by = model.branches[0](*changed)
+        assert torch.allclose(bx[:, :8], by[:, :8], atol=1e-6) and not torch.allclose(bx[:, 8:], by[:, 8:])
+
+
+def test_cross_windows_train_both_directions_and_both_modalities():
+    model = tiny_model(fusion="cross").train()
+    out = model(torch.randn(4, 10, 12), torch.randn(4, 10, 6))
+    labels = torch.nn.functional.one_hot(torch.randint(0, C + 1, (4, 10)), C + 1).float()
+    aveclip_loss(out, labels, model.cfg)[0].backward()
+    for branch in model.branches:
+        for direction in (branch.cross.visual_from_audio, branch.cross.audio_from_visual):
+            for layer in (direction.q, direction.kv, direction.proj):
+                assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert model.v_proj[0].weight.grad.abs().sum() > 0 and model.a_proj[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cross-modal window branch takes the visual and the audio"):
+        model.branches[0](torch.randn(1, 10, 16))
+
+
+# parameter counts of the early-fusion model before the cross-modal windows existed (issue 29): its checkpoints and
+# stage keys depend on it building exactly the same modules
+EARLY_FUSION_PARAMETERS = {("concat", "tiny"): 12347, ("concat_product", "tiny"): 12603,
+                           ("concat", "default"): 4604549, ("concat_product", "default"): 4670085}
+
+
+@pytest.mark.parametrize("fusion", ["concat", "concat_product"])
+def test_early_fusion_options_build_the_model_they_built_before(fusion):
+    tiny, default = tiny_model(fusion=fusion), AVECLIP(AVECLIPConfig(fusion=fusion))
+    for name, model in (("tiny", tiny), ("default", default)):
+        assert sum(p.numel() for p in model.parameters()) == EARLY_FUSION_PARAMETERS[fusion, name]
+        assert not any(".cross." in k for k in model.state_dict()) and "fuse.weight" in model.state_dict()
+        assert all(branch.cross is None for branch in model.branches)
+    cross = tiny_model(fusion="cross")
+    assert "fuse.weight" not in cross.state_dict() and all(b.cross is not None for b in cross.branches)
+    assert get_family("aveclip").version == "2"  # the default changed: a config not naming `fusion` trains anew
 
 
 def labels_of(seq):

@@ -46,7 +46,9 @@ def test_schema_round_trip_and_what_the_generator_promises(synth):
     assert any(has_overlap_of_classes(v.events) for v in ds.videos.values())
     raw = json.loads(path.read_text())
     first = next(iter(raw["database"].values()))
-    assert set(raw) == {"database"} and {"subset", "duration", "annotations"} <= set(first)
+    # UnAV's layout, plus the generator's record (version, distractors) that the UnAV loader does not read
+    assert set(raw) == {"database", "generator"} and {"subset", "duration", "annotations"} <= set(first)
+    assert raw["generator"]["version"] == ds.generator_version == 2
 
 
 def test_features_load_as_the_unav_loader_does(synth):
@@ -63,20 +65,26 @@ def test_features_load_as_the_unav_loader_does(synth):
 
 
 def test_events_are_in_the_features_where_the_labels_say(synth):
-    """A class prototype's projection is larger inside that class's events than outside (the signal is real)."""
+    """A class prototype's projection is larger inside that class's events than outside events and distractors (the
+    signal is real), and as large inside a visible distractor as inside an event (it is a real picture)."""
     out, path = synth
     ds = load_annotations(path)
-    inside, outside = [], []
+    inside, outside, distracting = [], [], []
     for vid, v in ds.videos.items():
         visual, _ = load_video_features(out / "features", vid)
         t = UNAV_GRID.centres(visual.shape[0])
         norm = np.linalg.norm(visual, axis=1)
-        on = np.zeros(len(t), bool)
+        on, near = np.zeros(len(t), bool), np.zeros(len(t), bool)
         for e in v.events:
             on |= (t > e.start + 0.5) & (t < e.end - 0.5)
+        for d in ds.generator["distractors"][vid]:
+            near |= (t > d["segment"][0] - 1.0) & (t < d["segment"][1] + 1.0)
+            if d["visual_label_id"] is not None:
+                distracting += norm[(t > d["segment"][0] + 0.5) & (t < d["segment"][1] - 0.5) & ~on].tolist()
         inside += norm[on].tolist()
-        outside += norm[~on].tolist()
+        outside += norm[~on & ~near].tolist()
     assert np.mean(inside) > np.mean(outside) + 0.5
+    assert np.mean(distracting) > np.mean(outside) + 0.5
 
 
 def test_deterministic_per_seed(tmp_path):

@@ -13,12 +13,20 @@ import numpy as np
 import pytest
 
 from pipeline.ave.synth import (
+    AUDIO_ONLY,
     BACKGROUND_KINDS,
+    EMPTY,
     EVENT,
+    GENERATOR_VERSION,
     MISMATCH,
+    OTHER_PICTURE,
+    PICTURE_WITHOUT_SOUND,
+    SOUND_WITHOUT_PICTURE,
     SPLITS,
+    VISUAL_ONLY,
     SynthConfig,
     generate_dataset,
+    made_with,
     plan_dataset,
     render_audio,
     write_video,
@@ -217,17 +225,48 @@ def test_plan_splits_and_segments(videos, classes):
             assert (r.visual[t] == r.audio[t] == r.label) == event
             if r.kinds[t] == MISMATCH:
                 assert r.visual[t] == r.label and r.audio[t] not in (None, r.label)
+            if r.kinds[t] == OTHER_PICTURE:
+                assert r.audio[t] == r.label and r.visual[t] not in (None, r.label)
+            if r.kinds[t] == VISUAL_ONLY:
+                assert r.visual[t] == r.label and r.audio[t] is None
+            if r.kinds[t] == AUDIO_ONLY:
+                assert r.audio[t] == r.label and r.visual[t] is None
 
 
-def test_event_lengths_vary_like_ave():
-    rows = plan_dataset(SynthConfig(videos=400, classes=4, seed=1)).rows
+def test_version_2_events_vary_like_ave():
+    rows = plan_dataset(SynthConfig(videos=400, classes=4, seed=1, version=2)).rows
     lengths = np.array([r.end - r.start for r in rows])
     assert 0.35 < np.mean(lengths == 10) < 0.65  # many fully-event videos, as in AVE
     assert set(range(1, 11)) <= set(lengths.tolist())  # short and long events
     assert len({r.start for r in rows}) >= 8  # events start anywhere
     assert 7.0 < lengths.mean() < 8.5  # AVE: 8.3
     kinds = {k for r in rows for k in r.kinds}
-    assert kinds == {EVENT, *BACKGROUND_KINDS}
+    assert kinds == {EVENT, VISUAL_ONLY, AUDIO_ONLY, MISMATCH, EMPTY}
+
+
+def test_version_3_needs_both_modalities():
+    """Each single modality's blind spot (the seconds it must take for the event: the class's picture without its
+    sound for a model that sees the picture, the sound without its picture for one that hears) is a fifth of all
+    seconds, so a single-modality model is wrong on about that share whatever it learns."""
+    rows = plan_dataset(SynthConfig(videos=400, classes=4, seed=1)).rows
+    kinds = np.array([r.kinds for r in rows])
+    assert 0.05 < np.mean([r.end - r.start == 10 for r in rows]) < 0.15  # few fully-event rows
+    lengths = [r.end - r.start for r in rows]
+    assert set(range(1, 11)) <= set(lengths)  # short and long events
+    assert 0.4 < np.mean(kinds != EVENT) < 0.5
+    for blind in (PICTURE_WITHOUT_SOUND, SOUND_WITHOUT_PICTURE):
+        assert 0.16 < np.isin(kinds, blind).mean() < 0.22, blind
+    assert set(kinds.ravel()) == {EVENT, *BACKGROUND_KINDS}
+
+
+def test_a_version_is_written_and_an_older_folder_is_not_taken_for_a_newer_one(small, tmp_path):
+    assert meta(small)["version"] == GENERATOR_VERSION == SMALL.version == 3
+    assert made_with(small, SMALL)
+    assert not made_with(small, replace(SMALL, version=2)) and not made_with(small, replace(SMALL, seed=4))
+    assert not made_with(tmp_path, SMALL)  # no synth.json
+    old = generate_dataset(tmp_path / "v2", replace(SMALL, videos=4, version=2))
+    assert meta(old)["version"] == 2 and made_with(old, replace(SMALL, videos=4, version=2))
+    assert not made_with(old, replace(SMALL, videos=4))
 
 
 # ---- media ------------------------------------------------------------------------------------------------------

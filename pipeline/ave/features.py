@@ -7,7 +7,8 @@ Two sources, one type (`FeatureSet`):
 
 `FeatureSet.split(name)` gives a `SplitData` that serves batches as float tensors. It holds the split in memory
 (float32, converted once, not per epoch) when that fits a memory budget, otherwise it reads rows from the HDF5
-file per batch, so ResNet-50 maps of all AVE (16.6 GB) never need to be in RAM at once.
+file per batch, so ResNet-50 maps of all AVE (16.6 GB) never need to be in RAM at once. With an `InputNoise`
+(the single-modality control of `pipeline.controls`) one modality's rows are served as matched noise instead.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ class FeatureSet:
         return rows[self.valid[rows]]
 
     def split(self, name: str, device: torch.device, memory_budget: int | None = None,
-              norm: "FeatureNorm | None" = None) -> "SplitData":
-        return SplitData(self, name, self.rows(name), device, memory_budget, norm)
+              norm: "FeatureNorm | None" = None, noise: "InputNoise | None" = None) -> "SplitData":
+        return SplitData(self, name, self.rows(name), device, memory_budget, norm, noise)
 
 
 def from_dataset(dataset_dir: Path, visual: Path, audio: Path) -> FeatureSet:
@@ -260,6 +261,50 @@ def channel_stats(fs: FeatureSet, rows: np.ndarray, chunk: int = 64) -> FeatureN
     return FeatureNorm(**out)
 
 
+@dataclass
+class InputNoise:
+    """The single-modality control (`pipeline.controls`): `modality`'s features (the one the model must not see)
+    served as Gaussian noise with its per-channel `mean` and `std` over the train split, fixed per row by (seed,
+    row index in the feature files): the same whichever split, batch or epoch reads the row. Travels in the
+    checkpoint (`input_noise`) so that evaluation feeds the model what it was trained on."""
+
+    modality: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    seed: int
+
+    def rows(self, rows: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        from pipeline.controls import matched_noise
+
+        mean, std = self.mean.numpy(), self.std.numpy()
+        out = np.empty((len(rows), *shape), np.float32)
+        for i, row in enumerate(rows):
+            out[i] = matched_noise(shape, mean, std, self.seed, int(row))
+        return torch.from_numpy(out)
+
+    def to_dict(self) -> dict:
+        return {"modality": self.modality, "mean": self.mean, "std": self.std, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "InputNoise | None":
+        if not d:
+            return None
+        return cls(str(d["modality"]), torch.as_tensor(d["mean"], dtype=torch.float32),
+                   torch.as_tensor(d["std"], dtype=torch.float32), int(d["seed"]))
+
+
+def input_noise(fs: FeatureSet, inputs: str, seed: int, stats: FeatureNorm | None = None) -> InputNoise | None:
+    """The noise that replaces the modality the model must not see when it sees `inputs` (None for "both"); the
+    statistics are the train split's (`stats` when already computed)."""
+    from pipeline.controls import replaced_modality
+
+    modality = replaced_modality(inputs)
+    if modality is None:
+        return None
+    stats = stats or channel_stats(fs, fs.rows("train"))
+    return InputNoise(modality, getattr(stats, f"{modality}_mean"), getattr(stats, f"{modality}_std"), seed)
+
+
 def available_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -271,16 +316,16 @@ class SplitData:
     """Rows of one split as batches of (visual, audio, labels) float tensors on `device`."""
 
     def __init__(self, fs: FeatureSet, name: str, rows: np.ndarray, device: torch.device,
-                 memory_budget: int | None = None, norm: FeatureNorm | None = None):
-        self.fs, self.name, self.rows, self.device, self.norm = fs, name, rows, device, norm
+                 memory_budget: int | None = None, norm: FeatureNorm | None = None, noise: InputNoise | None = None):
+        self.fs, self.name, self.rows, self.device, self.norm, self.noise = fs, name, rows, device, norm, noise
         self.labels = torch.from_numpy(fs.labels[rows]).float()
         per_row = 4 * (np.prod(fs.visual.shape[1:]) + np.prod(fs.audio.shape[1:]))
         budget = available_memory() // 2 if memory_budget is None else memory_budget
         self.in_memory = per_row * len(rows) <= budget
         self._visual = self._audio = None
         if self.in_memory:  # one conversion to float32 now, none per epoch
-            self._visual = self._read(fs.visual.path, np.arange(len(rows)))
-            self._audio = self._read(fs.audio.path, np.arange(len(rows)))
+            self._visual = self._modality("visual", np.arange(len(rows)))
+            self._audio = self._modality("audio", np.arange(len(rows)))
             if norm is not None:  # once, not per batch
                 self._visual, self._audio = norm.apply(self._visual, self._audio)
             if device.type == "cuda":
@@ -300,13 +345,20 @@ class SplitData:
                 data[order] = _read_rows(d, rows[order])
         return torch.from_numpy(data)
 
+    def _modality(self, modality: str, positions: np.ndarray) -> torch.Tensor:
+        """One modality's features of these positions: read from its file, or the control's noise."""
+        ff = getattr(self.fs, modality)
+        if self.noise is not None and self.noise.modality == modality:
+            return self.noise.rows(self.rows[positions], tuple(ff.shape[1:]))
+        return self._read(ff.path, positions)
+
     def batch(self, positions: np.ndarray | torch.Tensor):
         positions = np.asarray(positions.cpu() if isinstance(positions, torch.Tensor) else positions)
         if self.in_memory:
             idx = torch.from_numpy(positions).to(self._visual.device)
             v, a = self._visual[idx], self._audio[idx]
         else:
-            v, a = self._read(self.fs.visual.path, positions), self._read(self.fs.audio.path, positions)
+            v, a = self._modality("visual", positions), self._modality("audio", positions)
             if self.norm is not None:
                 v, a = self.norm.apply(v, a)
         return v.to(self.device, non_blocking=True), a.to(self.device, non_blocking=True), \

@@ -340,6 +340,9 @@ class Localizer:
             raise UserError(f"{self.checkpoint}: records {len(classes)} class names for a model of "
                             f"{cfg.num_classes} classes")
         self.class_names = [str(c) for c in classes]
+        if info.get("inputs", "both") != "both":
+            raise UserError(f"{self.checkpoint}: a single-modality control (trained on {info['inputs']} only, the "
+                            f"other modality replaced by noise); localize with a model trained on both modalities")
         self.norm = FeatureNorm.from_dict(info.get("feature_norm"))
         self.epoch = info.get("epoch")
 

@@ -40,7 +40,15 @@ from pydantic import Field, field_validator, model_validator
 from models import derive_targets, family_of, get_family, list_localizers
 from models.registry import LocalizerFamily
 from pipeline import distributed
-from pipeline.ave.features import FeatureNorm, FeatureSet, SplitData, available_memory, channel_stats
+from pipeline.ave.features import (
+    FeatureNorm,
+    FeatureSet,
+    InputNoise,
+    SplitData,
+    available_memory,
+    channel_stats,
+    input_noise,
+)
 from pipeline.ave.metrics import localization_metrics, segment_accuracy
 from pipeline.config import StageConfig, dump_config
 from pipeline.errors import UserError
@@ -86,6 +94,9 @@ class TrainConfig(StageConfig):
     # Per-channel z-scores of the inputs, statistics from the train split (saved in the checkpoint). Off in the
     # reference; needed for randomly initialised encoders, whose raw outputs are nearly constant in scale.
     standardize_features: bool = False
+    # What the localizer sees: both modalities, or one with the other replaced by matched noise (the single-modality
+    # control, pipeline/controls.py); "both" stays out of the key, so keys from before this knob stay valid
+    inputs: Literal["both", "audio", "visual"] = "both"
     model: str = "cace"  # the localizer, by name (models.registry): cace, aveclip
     # The model's config overrides (CACE: guide, psi, lam, ...; AVE-CLIP: window_sizes, postprocess, ...); the dims
     # come from the features. The fields contrastive, bece_start, contrastive_coeff and temperature are CACE's.
@@ -115,7 +126,10 @@ class TrainConfig(StageConfig):
         return self
 
     def key_fields(self) -> dict:
-        return {**super().key_fields(), "model_version": get_family(self.model).version}
+        fields = {**super().key_fields(), "model_version": get_family(self.model).version}
+        if fields.get("inputs") == "both":
+            del fields["inputs"]
+        return fields
 
 
 def model_config(fs: FeatureSet, overrides: dict, family: LocalizerFamily | None = None):
@@ -279,12 +293,14 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
     budget = int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None
     if world > 1:  # the ranks share the machine's memory
         budget = (budget if budget is not None else available_memory() // 2) // world
-    norm = channel_stats(fs, fs.rows("train")) if cfg.standardize_features else None
-    splits = {"train": fs.split("train", device, budget, norm)}
+    stats = channel_stats(fs, fs.rows("train")) if cfg.standardize_features or cfg.inputs != "both" else None
+    norm = stats if cfg.standardize_features else None
+    noise = input_noise(fs, cfg.inputs, cfg.seed, stats)
+    splits = {"train": fs.split("train", device, budget, norm, noise)}
     if main:  # evaluation runs on rank 0 only
-        splits["test"] = fs.split("test", device, budget, norm)
+        splits["test"] = fs.split("test", device, budget, norm, noise)
     if main and (cfg.select_on == "val" or "val" in fs.splits):
-        splits["val"] = fs.split("val", device, budget, norm)
+        splits["val"] = fs.split("val", device, budget, norm, noise)
     if len(splits["train"]) == 0:
         raise UserError("the train split is empty")
     if cfg.select_on == "val" and len(fs.rows("val")) == 0:
@@ -314,6 +330,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
     info = {"seed": cfg.seed, "parameters": family.parameter_count(model), "train_config": dump_config(cfg),
             "features": fs.digests,
             "feature_norm": norm.to_dict() if norm is not None else None,
+            "inputs": cfg.inputs, "input_noise": noise.to_dict() if noise is not None else None,
             "classes": fs.class_names, "encoders": {"visual": _public_attrs(fs.visual.attrs),
                                                     "audio": _public_attrs(fs.audio.attrs)}}
     if world > 1:
@@ -431,6 +448,7 @@ def _train_model(fs: FeatureSet, cfg: TrainConfig, out_dir: Path, on_epoch: Epoc
         "last_epoch_test_accuracy": history[-1]["test_acc"],
         "all_background_accuracy": test_metrics["all_background_accuracy"],
         "seed": cfg.seed,
+        "inputs": cfg.inputs,
         "epochs": cfg.epochs,
         "train_s_per_epoch": float(np.mean([r["train_s"] for r in history])),
         "eval_s_per_pass": float(np.mean([r["eval_s"] for r in history])) / max(len(splits) - 1, 1),
@@ -534,7 +552,8 @@ def evaluate(checkpoint: Path, fs: FeatureSet, split: str = "test", *, device: s
     model, info = load_model(checkpoint, bece)
     check_compatible(model, fs, checkpoint)
     model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
-    data = fs.split(split, dev, norm=FeatureNorm.from_dict(info.get("feature_norm")))
+    data = fs.split(split, dev, norm=FeatureNorm.from_dict(info.get("feature_norm")),
+                    noise=InputNoise.from_dict(info.get("input_noise")))  # a control sees what it trained on
     t0 = time.perf_counter()
     used = resolve_precision(precision, dev)
     p = infer(model, data, batch_size, used)

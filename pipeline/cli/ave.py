@@ -33,11 +33,13 @@ DatasetOption = opt.dataset("AVE-format dataset folder (Annotations.txt, *_order
 def synth(out: Path = typer.Option(..., "--out", help="Folder to write the dataset into."),
           videos: int = typer.Option(24, help="Number of videos."),
           classes: int = typer.Option(4, help="Number of event classes (the first K AVE categories)."),
-          seed: int = typer.Option(0, help="Random seed: same seed, same dataset.")):
+          seed: int = typer.Option(0, help="Random seed: same seed, same dataset."),
+          generator_version: int = typer.Option(3, "--generator-version", help="The content's design: 3 (events "
+                                                "need both modalities), 2 (the data of earlier releases).")):
     """Generate a synthetic dataset in the AVE layout (real H.264/AAC MP4 files, annotations, splits)."""
     from pipeline.ave.synth import SynthConfig, generate_dataset
 
-    generate_dataset(out, SynthConfig(videos=videos, classes=classes, seed=seed))
+    generate_dataset(out, SynthConfig(videos=videos, classes=classes, seed=seed, version=generator_version))
     print_dataset_summary(ave.load_dataset(out))
 
 
@@ -240,6 +242,7 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
                                        "optionally with overrides: "
                                        "aveclip:multiscale=staged:postprocess.enabled=false."),
             seeds: str = typer.Option("1,2,3", help="Comma-separated seeds."),
+            inputs: str = opt.InputsOption,
             epochs: Optional[int] = typer.Option(None, help="Epochs for every model."),
             out: Optional[Path] = typer.Option(None, "--out", help="Folder for comparison.md/json (default: "
                                                                    "ROOT/compare/<models>-<features>)."),
@@ -248,7 +251,8 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
             force: bool = opt.force("Retrain runs that exist."),
             no_wait: bool = NoWaitOption,
             no_recompute: bool = NoRecomputeOption):
-    """Localizers side by side on the same features, splits, seeds and recipe: accuracy, event F1, size, speed."""
+    """Localizers side by side on the same features, splits, seeds and recipe: accuracy, event F1, size, speed;
+    with `--inputs both,audio,visual`, each beside its single-modality controls."""
     opt.lock_policy(no_wait)
     opt.reuse_policy(no_recompute)
     import hashlib
@@ -260,7 +264,9 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     from pipeline.ave import compare as cmp
     from pipeline.ave.train import TrainConfig
     from pipeline.config import load_config
+    from pipeline.controls import parse_inputs
 
+    seen = parse_inputs(inputs)
     names = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in names if cmp.parse_variant(m).model not in list_localizers()]
     if unknown or not names:
@@ -274,21 +280,24 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     for note in fs.notes:
         console.print(f"[bold red]{note}[/bold red]")
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("comparing", total=base.epochs * len(seed_list) * len(names))
+        task = progress.add_task("comparing", total=base.epochs * len(seed_list) * len(names) * len(seen))
         current = {}
 
-        def on_run(name, seed):
-            current.update(name=name, seed=seed)
+        def on_run(name, seed):  # one persistent line per run: n/N also in a log, where the bar does not draw
+            current.update(name=name, seed=seed, n=current.get("n", 0) + 1)
+            progress.console.print(f"run {current['n']}/{len(names) * len(seen) * len(seed_list)}: {name} seed "
+                                   f"{seed}", highlight=False, markup=False)
 
         def on_epoch(r):
             progress.update(task, advance=1, description=f"{current['name']} seed {current['seed']} epoch "
                             f"{r['epoch']}: loss {r['loss']:.3f} val {r.get('val_acc', float('nan')):.2f} %")
 
-        rows = cmp.compare(fs, base, names, seed_list, root, force=force, on_run=on_run, on_epoch=on_epoch)
+        rows = cmp.compare(fs, base, names, seed_list, root, inputs=seen, force=force, on_run=on_run,
+                           on_epoch=on_epoch)
     digest = hashlib.sha256(json.dumps(fs.digests, sort_keys=True).encode()).hexdigest()[:12]
-    label = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]
+    label = hashlib.sha256(",".join(names + ([] if seen == ["both"] else ["inputs", *seen])).encode()).hexdigest()[:8]
     md, _ = cmp.write_report(rows, out or root / "compare" / f"{label}-{digest}", list(fs.notes))
-    console.print(cmp.markdown_table(rows), highlight=False, soft_wrap=True)
+    console.print(cmp.markdown_table(rows), highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {md}", highlight=False, soft_wrap=True)
 
 

@@ -156,3 +156,10 @@ def configured(model: type[M], config_path: Path | None, sets: list[str], sectio
 
     cfg = load_config(model, config_path, list(sets), section=section)
     return validate(model, {**cfg.model_dump(), **{k: v for k, v in given.items() if v is not None}}, source)
+
+
+# ---- single-modality controls -----------------------------------------------------------------------------------
+InputsOption = typer.Option("both", "--inputs", help="What the localizer sees, comma-separated rows: both, audio "
+                                                     "(visual replaced by noise), visual (audio replaced by noise). "
+                                                     "`both,audio,visual` adds the single-modality controls, with "
+                                                     "each row's gap to both (pipeline/controls.py says how).")

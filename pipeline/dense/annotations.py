@@ -10,6 +10,10 @@ event without its fields, a segment that is not two numbers) are one `UserError`
 should fix but that do not stop evaluation (an event outside its video's duration, an end before its start, one id
 for two names or two ids for one name, overlapping duplicates of one class) are collected in `problems`;
 `avel dense dataset check` lists them and fails when there are any.
+
+Our generators also write a top-level `generator` record (name, version, config, the unlabelled distractors): it
+tells a dataset of one generator version from another's (their content differs for the same seed). Anything else at
+the top level, or a file without it (UnAV-100's own, or one from an older generator), loads as before.
 """
 
 from __future__ import annotations
@@ -53,6 +57,14 @@ class DenseDataset:
     videos: dict[str, DenseVideo]
     classes: dict[int, str]  # label_id -> label
     problems: list[str] = field(default_factory=list)
+    generator: dict | None = None  # the top-level `generator` record of a generated dataset (None: real data)
+
+    @property
+    def generator_version(self) -> int | None:
+        """The version of the generator that wrote this file; None for real data (and generated data from before
+        versions were recorded: dense generator version 1)."""
+        v = (self.generator or {}).get("version")
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
 
     def split(self, subset: str) -> list[DenseVideo]:
         subset = normalise_subset(subset)
@@ -78,6 +90,8 @@ class DenseDataset:
 
     def summary(self) -> dict:
         out = {"file": str(self.path), "videos": len(self.videos), "classes": len(self.classes), "splits": {}}
+        if self.generator is not None:
+            out["generator"] = {k: self.generator.get(k) for k in ("name", "version", "distractor_counts")}
         for s in SUBSETS:
             vids = self.split(s)
             events = [e for v in vids for e in v.events]
@@ -114,9 +128,9 @@ def _number(x, what: str, vid: str) -> float:
     return float(x)
 
 
-def read_json_mapping(path: Path, what: str, key: str, layout: str) -> dict:
+def read_json_mapping(path: Path, what: str, key: str, layout: str, top: dict | None = None) -> dict:
     """The mapping under `key` at the top of a JSON file; one clear error when the file, the JSON or the key is not
-    there."""
+    there. `top`, if given, receives the file's other top-level entries."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
@@ -126,13 +140,16 @@ def read_json_mapping(path: Path, what: str, key: str, layout: str) -> dict:
         raise UserError(f"{path}: not a readable JSON file ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get(key), dict):
         raise UserError(f"{path}: the top level must hold `{key}`: {layout}")
+    if top is not None:
+        top.update((k, v) for k, v in data.items() if k != key)
     return data[key]
 
 
 def load_annotations(path: Path) -> DenseDataset:
     path = Path(path)
+    top: dict = {}
     database = read_json_mapping(path, "annotation file", "database",
-                                 "a mapping of video id -> record (UnAV-100 layout)")
+                                 "a mapping of video id -> record (UnAV-100 layout)", top)
     videos, problems = {}, []
     names_of: dict[int, Counter] = {}
     for vid, rec in database.items():
@@ -185,14 +202,16 @@ def load_annotations(path: Path) -> DenseDataset:
         if n > 1:
             ids = [i for i, c in classes.items() if c == name]
             problems.append(f"class {name!r} has several label_ids: {ids}")
-    return DenseDataset(path, videos, classes, problems)
+    generator = top.get("generator")
+    return DenseDataset(path, videos, classes, problems, generator if isinstance(generator, dict) else None)
 
 
-def write_annotations(path: Path, videos: list[DenseVideo]) -> None:
-    """The UnAV-100 JSON of `videos` (what the synthetic generators write)."""
+def write_annotations(path: Path, videos: list[DenseVideo], extra: dict | None = None) -> None:
+    """The UnAV-100 JSON of `videos` (what the synthetic generators write); `extra`: more top-level entries after
+    `database` (a generator's record)."""
     from pipeline.store import write_json_atomic
 
     db = {v.id: {"subset": v.subset, "duration": v.duration,
                  "annotations": [{"segment": [round(e.start, 3), round(e.end, 3)], "label": e.label,
                                   "label_id": e.label_id} for e in v.events]} for v in videos}
-    write_json_atomic(Path(path), {"database": db})
+    write_json_atomic(Path(path), {"database": db, **(extra or {})})

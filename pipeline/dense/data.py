@@ -8,6 +8,10 @@ grid, the training crops of `shared/reference/dense-avel-spec.md` §2.4, and pad
 - Batches are padded to `max_seq_len` (training) with a mask; inference takes whole videos (`infer.py`).
 - Optional per-channel standardisation with train-split statistics (for randomly initialised encoders, whose raw
   outputs have tiny, uneven scales); the statistics travel in the checkpoint.
+- Single-modality controls (`ModalityControl`, `pipeline.controls`): the other modality replaced by noise with its
+  per-channel train-split mean and std, fixed per video by (the training seed, the video id), in every split, before
+  any standardisation (so the model's input scale is what it would be); the statistics travel in the checkpoint,
+  so evaluating it later replaces the same modality by the same noise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from models.dense.targets import Points, assign
+from pipeline.controls import BOTH, matched_noise, replaced_modality
 from pipeline.dense.annotations import DenseDataset, load_annotations, normalise_subset
 from pipeline.dense.features import LAYOUT_FILE, feature_paths, load_video_features
 from pipeline.dense.synthetic import ANNOTATIONS
@@ -73,6 +78,43 @@ class FeatureStats:
 
 
 @dataclass
+class ModalityControl:
+    """A single-modality control: `replaced` ("audio" or "visual") becomes noise of these per-channel statistics
+    (the train split's), seeded by (`seed`, video id): the same numbers in every split, batch, epoch and run."""
+
+    inputs: str  # what the model sees: "audio" or "visual"
+    replaced: str
+    mean: np.ndarray
+    std: np.ndarray
+    seed: int
+
+    @classmethod
+    def of(cls, inputs: str, train: list[DenseVideoData], seed: int) -> "ModalityControl | None":
+        """None for "both"; else the statistics of the replaced modality over the (raw) train videos."""
+        replaced = replaced_modality(inputs)
+        if replaced is None:
+            return None
+        x = np.concatenate([getattr(v, replaced) for v in train]).astype(np.float64)
+        return cls(inputs, replaced, x.mean(0).astype(np.float32), x.std(0).astype(np.float32), int(seed))
+
+    def apply(self, v: DenseVideoData) -> DenseVideoData:
+        noise = matched_noise(getattr(v, self.replaced).shape, self.mean, self.std, self.seed, v.id)
+        return DenseVideoData(v.id, noise if self.replaced == "visual" else v.visual,
+                              noise if self.replaced == "audio" else v.audio, v.segments, v.labels, v.duration)
+
+    def to_dict(self) -> dict:
+        return {"inputs": self.inputs, "replaced": self.replaced, "mean": self.mean.tolist(),
+                "std": self.std.tolist(), "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ModalityControl | None":
+        if not d or d.get("inputs", BOTH) == BOTH:
+            return None
+        return cls(d["inputs"], d["replaced"], np.asarray(d["mean"], np.float32), np.asarray(d["std"], np.float32),
+                   int(d["seed"]))
+
+
+@dataclass
 class DenseFeatures:
     """One dataset: its annotations, grid, dims and (lazily) each split's videos."""
 
@@ -102,7 +144,9 @@ class DenseFeatures:
         v, a = load_video_features(self.folder, first)
         return v.shape[1], a.shape[1]
 
-    def split(self, subset: str, stats: FeatureStats | None = None) -> list[DenseVideoData]:
+    def split(self, subset: str, stats: FeatureStats | None = None,
+              control: ModalityControl | None = None) -> list[DenseVideoData]:
+        """A split's videos; `control` replaces a modality by its noise first, then `stats` standardises."""
         out = []
         for video in self.dataset.split(normalise_subset(subset)):
             v, a = load_video_features(self.folder, video.id)
@@ -111,6 +155,8 @@ class DenseFeatures:
             labels = np.array([e.label_id for e in video.events], np.int64)
             duration = video.duration if video.duration is not None else self.grid.to_seconds(v.shape[0])
             item = DenseVideoData(video.id, v, a, segs, labels, float(duration))
+            if control is not None:
+                item = control.apply(item)
             out.append(stats.apply(item) if stats is not None else item)
         return out
 

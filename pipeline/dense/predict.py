@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import media
-from pipeline.dense.data import DenseVideoData, FeatureStats
+from pipeline.dense.data import DenseVideoData, FeatureStats, ModalityControl
 from pipeline.dense.extract import SUFFIXES, DenseExtractConfig, make_encoders
 from pipeline.dense.features import LAYOUT_FILE, load_video_features
 from pipeline.dense.infer import video_levels
@@ -77,6 +77,7 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
     precision = resolve_precision(cfg.precision, dev)
     grid = TimeGrid(**info["grid"])
     stats = FeatureStats.from_dict(info.get("feature_stats"))
+    control = ModalityControl.from_dict(info.get("input_control"))  # a single-modality control sees what it trained on
     classes = info["classes"]
     built = make_encoders(cfg)
     _check_dims(model, built, cfg, checkpoint)
@@ -107,6 +108,8 @@ def predict_files(videos: list[Path], checkpoint: Path, out_dir: Path, *, ground
             steps = len(v)
             duration = record["info"].get("duration_s") or media.probe(path).duration_s
             item = DenseVideoData(vid, v, a, None, None, float(duration))
+            if control is not None:
+                item = control.apply(item)
             if stats is not None:
                 item = stats.apply(item)
             events = postprocess_video(video_levels(model, item.visual, item.audio, precision), grid,

@@ -9,6 +9,9 @@ is scored once, at the end, with the best epoch's EMA weights. LoCo adds lambda 
 Short CPU runs change two numbers, said where they are set (the demo's config): a higher lr and an EMA decay that
 fits a few hundred steps (0.999 over 225 steps would leave 80 % of the initial weights in the EMA).
 
+`inputs` "audio" or "visual" trains and scores a single-modality control (`pipeline.controls`): the other modality
+replaced by noise of its train-split statistics in every split; "both" (the default) leaves the stage key as it was.
+
 A run writes best.pt / last.pt (atomic; last.pt carries optimizer, schedule, EMA, normaliser and RNG states, so a
 killed run resumes where it stopped), metrics.csv per epoch, metrics.json, predictions_test.json, curves.png.
 """
@@ -30,7 +33,7 @@ from pydantic import Field, field_validator
 from models.dense.targets import LossNormalizer, detector_loss, make_points
 from models.dense.unav import DenseDetector, DenseModelConfig, cpu_config
 from pipeline.config import StageConfig, dump_config
-from pipeline.dense.data import DenseFeatures, FeatureStats, training_batch
+from pipeline.dense.data import DenseFeatures, FeatureStats, ModalityControl, training_batch
 from pipeline.dense.evaluate import evaluate
 from pipeline.dense.infer import predict_videos, results_json
 from pipeline.errors import UserError
@@ -56,12 +59,21 @@ class DenseTrainConfig(StageConfig):
     crop_ratio: tuple[float, float] = (0.9, 1.0)
     trunc_thresh: float = Field(0.5, ge=0, le=1)
     standardize_features: bool = False
+    # what the detector sees: both modalities, or one with the other replaced by matched noise (a control)
+    inputs: Literal["both", "audio", "visual"] = "both"
     # which weights of the best epoch score the test split: its EMA (UnAV's eval.py), the trained ones, or
     # whichever of the two scores higher on validation
     test_weights: Literal["ema", "model", "val"] = "ema"
     seed: int = 1234567891
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    def key_fields(self) -> dict:
+        """`inputs` enters the key only for a control: keys of joint runs are those of before it existed."""
+        fields = super().key_fields()
+        if fields.get("inputs") == "both":
+            fields.pop("inputs")
+        return fields
 
     @field_validator("model_args")
     @classmethod
@@ -163,9 +175,12 @@ def train_detector(fs: DenseFeatures, cfg: DenseTrainConfig, out_dir: Path,
     train_raw = fs.split("train")
     if not train_raw:
         raise UserError(f"{fs.dataset.path}: the train split is empty")
+    control = ModalityControl.of(cfg.inputs, train_raw, cfg.seed)
+    if control is not None:
+        train_raw = [control.apply(v) for v in train_raw]
     stats = FeatureStats.of(train_raw) if cfg.standardize_features else None
     train = [stats.apply(v) for v in train_raw] if stats else train_raw
-    val, test = fs.split("validation", stats), fs.split("test", stats)
+    val, test = fs.split("validation", stats, control), fs.split("test", stats, control)
     if not val:
         raise UserError(f"{fs.dataset.path}: the validation split is empty: the best epoch is chosen on it")
     seen = {int(c) for v in train for c in v.labels}
@@ -197,7 +212,8 @@ def train_detector(fs: DenseFeatures, cfg: DenseTrainConfig, out_dir: Path,
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
     info = {"train_config": dump_config(cfg), "classes": fs.class_names, "grid": {"window_s": fs.grid.window_s,
             "stride_s": fs.grid.stride_s}, "feature_layout": fs.layout, "feature_stats": stats.to_dict() if stats
-            else None, "parameters": sum(p.numel() for p in model.parameters())}
+            else None, "input_control": control.to_dict() if control else None,
+            "parameters": sum(p.numel() for p in model.parameters())}
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -264,7 +280,7 @@ def train_detector(fs: DenseFeatures, cfg: DenseTrainConfig, out_dir: Path,
     test_metrics = evaluate(fs.dataset, preds, "test") if test else None
     summary = {
         "parameters": info["parameters"],
-        "lcf": model.cfg.lcf, "lac": model.cfg.lac,
+        "lcf": model.cfg.lcf, "lac": model.cfg.lac, "inputs": cfg.inputs,
         "best_epoch": best["epoch"],
         "val_avg_map": best["val_avg_map"],
         "test_weights": chosen,
@@ -327,7 +343,8 @@ def evaluate_checkpoint(checkpoint: Path, fs: DenseFeatures, split: str = "test"
     model, info = load_detector(checkpoint, weights)
     check_compatible(model, fs, checkpoint)
     model.to(dev)
-    videos = fs.split(split, FeatureStats.from_dict(info.get("feature_stats")))
+    videos = fs.split(split, FeatureStats.from_dict(info.get("feature_stats")),
+                      ModalityControl.from_dict(info.get("input_control")))
     t0 = time.perf_counter()
     preds = predict_videos(model, videos, fs.grid, precision=resolve_precision(precision, dev), progress=progress)
     metrics = evaluate(fs.dataset, preds, split)

@@ -5,20 +5,35 @@ same as in the AVE generator, `pipeline.ave.synth`); what is new is time: events
 sample precision), several classes can be on screen and audible at once (each class's object drifts around its own
 home position), and a video lasts 20-120 s.
 An event is audible AND visible: its label is its visual interval, and its sound plays over the same interval shifted
-by a small audio-visual offset. Distractors (unlabelled) are a class visible without its sound, or audible without
-its object. Deterministic per seed; byte-identical files for the same seed (the engine's x264 settings).
+by a small audio-visual offset (audio leading or lagging by up to `max_offset_s`).
+
+Distractors (unlabelled): the picture without its sound, the sound without its picture, or one class's picture with
+another class's sound, planned as in the feature-level generator (`pipeline.dense.synthetic.plan_distractors`, whose
+docstring says why): in version 2 (the default) about `distractors_per_event` such spans per event in each modality,
+short and long like the events, so that a localizer must match what it hears to what it sees; version 1 (one
+visible-only or audible-only span in half of the videos, which a single modality nearly solved) stays writable with
+`version=1`, byte for byte. The annotation JSON of version 2 records the generator, its version and config, and
+every distractor under its top-level `generator` key. Deterministic per seed; byte-identical files for the same
+seed (the engine's x264 settings).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from pipeline.dense.annotations import DenseVideo, Event, write_annotations
-from pipeline.dense.synthetic import ANNOTATIONS
+from pipeline.dense.synthetic import (
+    ANNOTATIONS,
+    GENERATOR_VERSION,
+    Distractor,
+    check_version,
+    generator_record,
+    plan_distractors,
+)
 from pipeline.errors import UserError
 from pipeline.synth_engine import (
     AVE_CATEGORIES,
@@ -34,6 +49,7 @@ from pipeline.synth_engine import (
 )
 
 VIDEOS = "videos"
+GENERATOR = "avel.dense.videos"
 
 
 @dataclass(frozen=True)
@@ -59,9 +75,14 @@ class VideoSynthConfig:
     sample_rate: int = 32000
     max_offset_s: float = 0.3  # audio-visual offset of an event, uniform in [-max, max]
     overlap_share: float = 0.5  # videos with a pair of different classes overlapping >= 2 s
-    distractor_share: float = 0.5
+    distractor_share: float = 0.5  # version 1: videos with one visible-only or audible-only span
+    distractors_per_event: float = 1.0  # version 2: spans per event that each single modality takes for an event
+    version: int = GENERATOR_VERSION  # the content's design (module docstring); 1 = the data of earlier releases
 
     def __post_init__(self) -> None:
+        check_version(self.version)
+        if self.distractors_per_event < 0:
+            raise UserError(f"distractors_per_event must be >= 0, got {self.distractors_per_event}")
         if not 2 <= self.classes <= MAX_CLASSES:
             raise UserError(f"classes must be 2..{MAX_CLASSES}, got {self.classes}")
         if not 4.0 <= self.min_length_s <= self.max_length_s:
@@ -72,8 +93,9 @@ class VideoSynthConfig:
 
 def plan_events(rng: np.random.Generator, length: float, cfg: VideoSynthConfig) -> tuple[list[Span], list[Span],
                                                                                           list[Span]]:
-    """(labelled events = visual spans, their audio spans (offset), distractors: visual-only or audio-only spans
-    tagged by a negative label_id - 1 for audio-only)."""
+    """(labelled events = visual spans, their audio spans (offset), version 1's distractors: visual-only or
+    audio-only spans tagged by a negative label_id - 1 for audio-only; none in version 2, whose distractors
+    `plan_distractors` draws from a stream of their own)."""
     spans = []
     for _ in range(int(rng.integers(1, 6))):
         dur = float(np.exp(rng.uniform(0.0, np.log(min(cfg.max_event_s, length)))))
@@ -103,7 +125,7 @@ def plan_events(rng: np.random.Generator, length: float, cfg: VideoSynthConfig) 
         d = float(rng.uniform(-cfg.max_offset_s, cfg.max_offset_s))
         audio.append(Span(max(0.0, e.start + d), min(length, e.end + d), e.label_id))
     distractors = []
-    if rng.random() < cfg.distractor_share:
+    if cfg.version == 1 and rng.random() < cfg.distractor_share:
         dur = float(rng.uniform(1.0, min(10.0, length)))
         start = float(rng.uniform(0, length - dur))
         c = int(rng.integers(cfg.classes))
@@ -161,7 +183,7 @@ def generate_video_dataset(out: Path, cfg: VideoSynthConfig = VideoSynthConfig()
     (out / VIDEOS).mkdir(parents=True, exist_ok=True)
     names = AVE_CATEGORIES[:cfg.classes]
     subsets = ["train"] * cfg.train + ["validation"] * cfg.val + ["test"] * cfg.test
-    videos = []
+    videos, planned = [], {}
     for i, subset in enumerate(subsets):
         rng = np.random.default_rng([cfg.seed, 0x7E0, i])
         vid = f"dsyn{cfg.seed:02d}_{i:04d}"
@@ -169,11 +191,28 @@ def generate_video_dataset(out: Path, cfg: VideoSynthConfig = VideoSynthConfig()
         events, audio, distractors = plan_events(rng, length, cfg)
         visible = events + [d for d in distractors if d.label_id >= 0]
         audible = audio + [Span(d.start, d.end, -d.label_id - 1) for d in distractors if d.label_id < 0]
+        if cfg.version >= 2:  # their own stream: the events (and all drawn before) are version 1's
+            ds = plan_distractors(np.random.default_rng([cfg.seed, 0x7E0, i, 0xD15]), length,
+                                  [(e.start, e.end, e.label_id) for e in events], cfg.classes,
+                                  cfg.distractors_per_event, cfg.max_event_s, cfg.max_offset_s)
+            visible, audible = visible + _visual_spans(ds), audible + _audio_spans(ds, length)
+            planned[vid] = ds
         render_video(out / VIDEOS / f"{vid}.mp4", length, visible, audible, seed=int(rng.integers(2**31)), cfg=cfg)
         videos.append(DenseVideo(vid, subset, length, [Event(round(e.start, 3), round(e.end, 3), names[e.label_id],
                                                              e.label_id) for e in events]))
         if progress:
             progress(i + 1, len(subsets))
     path = out / ANNOTATIONS
-    write_annotations(path, videos)
+    extra = {"generator": generator_record(GENERATOR, cfg.version, asdict(cfg), planned)} if cfg.version >= 2 \
+        else None  # version 1's files stay byte for byte what they were
+    write_annotations(path, videos, extra)
     return path
+
+
+def _visual_spans(ds: list[Distractor]) -> list[Span]:
+    return [Span(d.start, d.end, d.visual) for d in ds if d.visual is not None]
+
+
+def _audio_spans(ds: list[Distractor], length: float) -> list[Span]:
+    return [Span(max(0.0, d.start + d.offset), min(length, d.end + d.offset), d.audio) for d in ds
+            if d.audio is not None]
