@@ -97,5 +97,5 @@ def test_the_compare_command_takes_inputs(tmp_path):
     res = CliRunner().invoke(app, [str(a) for a in args])
     assert res.exit_code == 0, res.output
     assert "| cace (visual only) |" in res.output and "gap to both" in res.output
-    bad = CliRunner().invoke(app, [str(a) for a in args[:-2]] + ["--inputs", "sound"])
-    assert bad.exit_code != 0 and "'sound' is not one of both, audio, visual" in bad.output
+    bad = CliRunner().invoke(app, [str(a) for a in args] + ["--inputs", "sound"])  # the last --inputs counts
+    assert isinstance(bad.exception, UserError) and "'sound' is not one of both, audio, visual" in str(bad.exception)
