@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import load_config, parse_seeds
 from pipeline.controls import parse_inputs
 from pipeline.dense import compare as cmp
 from pipeline.dense.data import load_dense_features
@@ -41,7 +41,7 @@ def main() -> None:
     configure_process()
     base = load_config(DenseTrainConfig, args.config, args.set, section="train")
     fs = load_dense_features(args.annotations, args.features)
-    seeds, inputs = cmp.parse_seeds(args.seeds), parse_inputs(args.inputs)
+    seeds, inputs = parse_seeds(args.seeds), parse_inputs(args.inputs)
     t0 = time.perf_counter()
 
     def on_done(label, r):

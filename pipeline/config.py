@@ -57,6 +57,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
 
 
+def parse_choices(flag: str, text: str, allowed: tuple[str, ...], example: str) -> list[str]:
+    """A comma-separated option of known names (`--inputs both,audio`): order kept, repeats dropped, an unknown name
+    one UserError that lists the allowed ones and shows `example`."""
+    out = []
+    for part in (p.strip().lower() for p in text.split(",")):
+        if part not in allowed:
+            raise UserError(f"{flag} {text!r}: {part!r} is not one of {', '.join(allowed)} (e.g. {flag} {example})")
+        if part not in out:
+            out.append(part)
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 1,2,3` -> [1, 2, 3]; distinct integers or one UserError."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: comma-separated integers, e.g. --seeds 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give distinct integers, e.g. --seeds 1,2,3")
+    return seeds
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = dict(data)
     for text in overrides:

@@ -20,6 +20,7 @@ import zlib
 
 import numpy as np
 
+from pipeline.config import parse_choices
 from pipeline.errors import UserError
 
 BOTH, AUDIO, VISUAL = "both", "audio", "visual"
@@ -45,14 +46,8 @@ def replaced_modality(inputs: str) -> str | None:
 
 def parse_inputs(text: str) -> list[str]:
     """`both,audio,visual` -> ["both", "audio", "visual"] (order kept, repeats dropped); a clear error otherwise."""
-    out = []
-    for part in (p.strip() for p in text.split(",")):
-        if part not in INPUTS:
-            raise UserError(f"--inputs {text!r}: {part!r} is not one of {', '.join(INPUTS)} (e.g. --inputs "
-                            f"both,audio,visual: the joint model and the two single-modality controls)")
-        if part not in out:
-            out.append(part)
-    return out
+    return parse_choices("--inputs", text, INPUTS, "both,audio,visual: the joint model and the two single-modality "
+                                                   "controls")
 
 
 def row_seed(seed: int, row: int | str) -> np.random.SeedSequence:

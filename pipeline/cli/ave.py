@@ -263,7 +263,7 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     from models import list_localizers
     from pipeline.ave import compare as cmp
     from pipeline.ave.train import TrainConfig
-    from pipeline.config import load_config
+    from pipeline.config import load_config, parse_seeds
     from pipeline.controls import parse_inputs
 
     seen = parse_inputs(inputs)
@@ -271,7 +271,7 @@ def compare(features: Optional[Path] = FeaturesOption, dataset: Optional[Path] =
     unknown = [m for m in names if cmp.parse_variant(m).model not in list_localizers()]
     if unknown or not names:
         raise UserError(f"--models {models!r}: unknown {unknown}; known: {', '.join(list_localizers())}")
-    seed_list = [int(x) for x in seeds.split(",")]
+    seed_list = parse_seeds(seeds)
     overrides = list(set_) + [f"{k}={v}" for k, v in (("epochs", epochs), ("device", device),
                                                       ("precision", precision)) if v is not None]
     base = load_config(TrainConfig, config, overrides, section="train")

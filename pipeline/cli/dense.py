@@ -301,7 +301,7 @@ def compare(annotations: Path = typer.Option(..., "--annotations", help="UnAV-10
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from pipeline.config import load_config
+    from pipeline.config import load_config, parse_seeds
     from pipeline.controls import parse_inputs
     from pipeline.dense import compare as cmp
     from pipeline.dense.data import load_dense_features
@@ -309,7 +309,7 @@ def compare(annotations: Path = typer.Option(..., "--annotations", help="UnAV-10
 
     seen = parse_inputs(inputs)
     names = cmp.parse_variants(variants)
-    seed_list = cmp.parse_seeds(seeds)
+    seed_list = parse_seeds(seeds)
     overrides = list(set_) + [f"{k}={v}" for k, v in (("epochs", epochs), ("device", device)) if v is not None]
     base = load_config(DenseTrainConfig, config, overrides, section="train")
     cmp.plan(base, names, seen, seed_list)  # a bad recipe fails before the features load

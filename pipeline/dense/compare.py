@@ -20,11 +20,10 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.config import validate
+from pipeline.config import parse_choices, validate
 from pipeline.controls import BOTH, CONTROL_NOTE, control_label
 from pipeline.dense.data import DenseFeatures
 from pipeline.dense.train import DenseStageResult, DenseTrainConfig, train_stage
-from pipeline.errors import UserError
 from pipeline.store import write_comparison
 
 VARIANTS = {"baseline": {}, "lcf": {"lcf": True}, "lac": {"lac": True}, "loco": {"lcf": True, "lac": True}}
@@ -36,24 +35,7 @@ GAP_METRIC = "test_avg_map"
 
 def parse_variants(text: str) -> list[str]:
     """`baseline,loco` -> ["baseline", "loco"] (order kept, repeats dropped); a clear error otherwise."""
-    out = []
-    for part in (p.strip().lower() for p in text.split(",")):
-        if part not in VARIANTS:
-            raise UserError(f"--variants {text!r}: {part!r} is not one of {', '.join(VARIANTS)} (e.g. --variants "
-                            f"baseline,loco: the UnAV baseline and LoCo's LCF + LAC)")
-        if part not in out:
-            out.append(part)
-    return out
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {text!r}: comma-separated integers, e.g. --seeds 1,2,3") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds {text!r}: give distinct integers, e.g. --seeds 1,2,3")
-    return seeds
+    return parse_choices("--variants", text, tuple(VARIANTS), "baseline,loco: the UnAV baseline and LoCo's LCF + LAC")
 
 
 def _metric(metrics: dict, key: str) -> float | None:
